@@ -1,0 +1,229 @@
+//! The command line: `outbox-relay [-c PATH] run | migrate | check`.
+//!
+//! Exit codes: 0 success; 2 bad usage or invalid configuration (reported before any connection
+//! is made); 1 runtime failure.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::outbox::{schema, store};
+use crate::publisher::Sink;
+use crate::relay::{Relay, Stopped};
+use crate::telemetry::{self, ErrorChain};
+
+/// Transactional-outbox relay: publishes PostgreSQL outbox rows to Kafka or RabbitMQ.
+#[derive(Debug, Parser)]
+#[command(name = "outbox-relay", version, about)]
+pub struct Cli {
+    /// Configuration file (TOML). Keys can be overridden with OUTBOX_RELAY__SECTION__KEY.
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "OUTBOX_RELAY_CONFIG",
+        value_name = "PATH"
+    )]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the relay until SIGTERM/SIGINT.
+    Run,
+    /// Create or update the outbox table, its indexes and NOTIFY trigger (idempotent).
+    Migrate,
+    /// Validate the configuration, connect to the database and the broker, verify the table.
+    Check,
+}
+
+const EXIT_RUNTIME: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+/// How long `check` and `migrate` wait for a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs the parsed command and maps its outcome to an exit code.
+pub fn execute(cli: Cli) -> ExitCode {
+    let Some(path) = cli.config else {
+        eprintln!("error: no configuration file: pass -c/--config PATH or set OUTBOX_RELAY_CONFIG");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let config = match Config::load(&path) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {} ({})", ErrorChain(&err), path.display());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    telemetry::init(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let code = match cli.command {
+        Command::Run => runtime.block_on(run(&config)),
+        Command::Migrate => runtime.block_on(migrate(&config)),
+        Command::Check => runtime.block_on(check(&config)),
+    };
+    // Do not wait for blocking tasks (e.g. a producer flush that already timed out).
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    ExitCode::from(code)
+}
+
+async fn run(config: &Config) -> u8 {
+    let relay = match Relay::new(config) {
+        Ok(relay) => relay,
+        Err(err) => {
+            eprintln!("error: {}", ErrorChain(&err));
+            return EXIT_CONFIG;
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let signals = match crate::shutdown::on_signal(shutdown.clone()) {
+        Ok(task) => task,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot install signal handlers");
+            return EXIT_RUNTIME;
+        }
+    };
+    let stopped = relay.run(shutdown).await;
+    signals.abort();
+    match stopped {
+        Stopped::Clean => 0,
+        Stopped::Abandoned => EXIT_RUNTIME,
+    }
+}
+
+async fn connect(config: &Config) -> Result<sqlx::PgConnection, String> {
+    let options =
+        store::connect_options(&config.database).map_err(|_| "invalid database.url".to_owned())?;
+    let target = describe_database(&options);
+    match tokio::time::timeout(CONNECT_TIMEOUT, schema::connect(&options)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(err)) => Err(format!(
+            "cannot connect to the database at {target}: {}",
+            ErrorChain(&err)
+        )),
+        Err(_) => Err(format!(
+            "cannot connect to the database at {target}: no answer within {}",
+            humantime::format_duration(CONNECT_TIMEOUT)
+        )),
+    }
+}
+
+/// `host:port/database as user`, never the password.
+fn describe_database(options: &sqlx::postgres::PgConnectOptions) -> String {
+    format!(
+        "{}:{}/{} as {}",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("(default)"),
+        options.get_username()
+    )
+}
+
+async fn migrate(config: &Config) -> u8 {
+    let table = config.table();
+    let mut conn = match connect(config).await {
+        Ok(conn) => conn,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return EXIT_RUNTIME;
+        }
+    };
+    match schema::migrate(&mut conn, &table).await {
+        Ok(done) if done.applied.is_empty() => {
+            println!(
+                "table {table}: up to date (schema version {})",
+                done.current
+            );
+            0
+        }
+        Ok(done) => {
+            let applied: Vec<String> = done.applied.iter().map(i32::to_string).collect();
+            println!(
+                "table {table}: applied migration(s) {} (schema version {})",
+                applied.join(", "),
+                done.current
+            );
+            0
+        }
+        Err(err) => {
+            eprintln!(
+                "error: migrating table {table} failed: {}",
+                ErrorChain(&err)
+            );
+            EXIT_RUNTIME
+        }
+    }
+}
+
+async fn check(config: &Config) -> u8 {
+    let table = config.table();
+    println!("config: ok (table {table}, sink {:?})", config.sink.kind);
+    let relay = match Relay::new(config) {
+        Ok(relay) => relay,
+        Err(err) => {
+            eprintln!("error: {}", ErrorChain(&err));
+            return EXIT_CONFIG;
+        }
+    };
+    let mut healthy = true;
+
+    match connect(config).await {
+        Ok(mut conn) => {
+            let options = store::connect_options(&config.database).expect("connected above");
+            println!("database: connected to {}", describe_database(&options));
+            match schema::inspect(&mut conn, &table).await {
+                Ok(found) => {
+                    println!("{found}");
+                    if !found.is_usable() {
+                        eprintln!(
+                            "error: the outbox table cannot be used by the relay (see above)"
+                        );
+                        healthy = false;
+                    } else if config.relay.listen && !found.has_notify_trigger {
+                        println!(
+                            "warning: relay.listen = true but the NOTIFY trigger is absent; the relay will rely on polling (run `outbox-relay migrate`)"
+                        );
+                    }
+                }
+                Err(err) => {
+                    eprintln!("error: {}", ErrorChain(&err));
+                    healthy = false;
+                }
+            }
+        }
+        Err(message) => {
+            eprintln!("error: {message}");
+            healthy = false;
+        }
+    }
+
+    match relay.sink() {
+        Sink::Kafka(kafka) => match kafka.probe(CONNECT_TIMEOUT).await {
+            Ok(brokers) => println!(
+                "kafka: reachable, {} broker(s): {}",
+                brokers.len(),
+                brokers.join(", ")
+            ),
+            Err(err) => {
+                eprintln!("error: kafka brokers not reachable: {}", ErrorChain(&err));
+                healthy = false;
+            }
+        },
+    }
+    if healthy { 0 } else { EXIT_RUNTIME }
+}

@@ -1,0 +1,669 @@
+//! Configuration: one TOML file plus `OUTBOX_RELAY__SECTION__KEY` environment overrides.
+//!
+//! Every struct rejects unknown keys, durations are humantime strings (`"500ms"`, `"5m"`), and
+//! [`Config::validate`] names the offending key and the constraint it broke. The reference file
+//! `config/outbox-relay.toml` documents every key with its default; a unit test keeps the two in
+//! step.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::outbox::Table;
+use crate::publisher::template::Template;
+
+/// Prefix of the environment variables that override file keys (`OUTBOX_RELAY__RELAY__BATCH_SIZE`).
+pub const ENV_PREFIX: &str = "OUTBOX_RELAY";
+
+/// The whole configuration of one relay process.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the outbox lives.
+    pub database: DatabaseConfig,
+    /// How rows are claimed and published.
+    #[serde(default)]
+    pub relay: RelayConfig,
+    /// What happens to a row whose publish failed.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Which broker events go to.
+    pub sink: SinkConfig,
+    /// Log output.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[database]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// PostgreSQL connection URL. Secret: never logged or printed (only host, port and database are).
+    pub url: SecretString,
+    /// Outbox table, optionally schema-qualified (`billing.outbox`). Default `outbox`.
+    #[serde(default = "default_table")]
+    pub table: String,
+    /// Connections the relay keeps to the database (LISTEN uses one more). Default 2.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// Upper bound for one statement of the relay; protects against a hung database. Default 30s.
+    #[serde(default = "default_statement_timeout", with = "humantime_serde")]
+    pub statement_timeout: Duration,
+}
+
+/// `[relay]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Most rows claimed and published as one batch. Default 500.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: u32,
+    /// Fallback poll when idle; always on, even with `listen`. Default 1s.
+    #[serde(default = "default_poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Wake up on the table's NOTIFY trigger (a hint; polling stays the source of truth). Default true.
+    #[serde(default = "default_true")]
+    pub listen: bool,
+    /// Time a claimed batch belongs to this instance before another one may take it over.
+    /// Must exceed the broker's own delivery timeout. Default 2m.
+    #[serde(default = "default_lease_duration", with = "humantime_serde")]
+    pub lease_duration: Duration,
+    /// Time allowed on SIGTERM/SIGINT to finish the in-flight batch and flush the producer. Default 10s.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Period of the info-level summary line (published, failed, pending, oldest pending age). Default 1m.
+    #[serde(default = "default_summary_interval", with = "humantime_serde")]
+    pub summary_interval: Duration,
+}
+
+/// `[retry]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Publish attempts of a row before it is dead-lettered. Default 10.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Delay before the first retry; doubles per attempt, with full jitter. Default 1s.
+    #[serde(default = "default_initial_backoff", with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    /// Cap of the retry delay, also of the pause after a broker or database outage. Default 5m.
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+/// `[sink]`: `kind` selects one of the sections below; the other may stay configured, so switching
+/// brokers is one environment variable (`OUTBOX_RELAY__SINK__KIND`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// `kafka` or `rabbitmq`.
+    pub kind: SinkKind,
+    /// `[sink.kafka]`, required when `kind = "kafka"`.
+    pub kafka: Option<KafkaConfig>,
+    /// `[sink.rabbitmq]`, required when `kind = "rabbitmq"`.
+    pub rabbitmq: Option<RabbitMqConfig>,
+}
+
+/// The brokers the relay can publish to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    /// Apache Kafka (or any Kafka-protocol broker).
+    Kafka,
+    /// RabbitMQ (AMQP 0-9-1).
+    Rabbitmq,
+}
+
+/// `[sink.kafka]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma-separated `host:port`.
+    pub brokers: String,
+    /// Topic template; placeholders `{aggregate_type}` and `{event_type}`. Default `outbox.event.{aggregate_type}`.
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    /// librdkafka properties passed through (`compression.type`, `security.protocol`, ...).
+    /// `acks` and `enable.idempotence` cannot be weakened. TOML's dotted keys
+    /// (`compression.type = "lz4"`) and quoted keys are both accepted; values may be strings,
+    /// numbers or booleans.
+    #[serde(default, deserialize_with = "flat_properties")]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// `[sink.rabbitmq]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RabbitMqConfig {
+    /// AMQP URL (`amqp://` or `amqps://`). Secret: never logged.
+    pub url: SecretString,
+    /// Exchange template. Default `outbox`.
+    #[serde(default = "default_exchange")]
+    pub exchange: String,
+    /// Routing-key template. Default `{aggregate_type}.{event_type}`.
+    #[serde(default = "default_routing_key")]
+    pub routing_key: String,
+    /// Declare the exchange (durable, topic) if missing. Default true.
+    #[serde(default = "default_true")]
+    pub declare_exchange: bool,
+    /// Time to wait for a publisher confirm. Default 30s.
+    #[serde(default = "default_confirm_timeout", with = "humantime_serde")]
+    pub confirm_timeout: Duration,
+}
+
+/// `[log]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `json` or `text`. Default `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `outbox_relay=debug`); `RUST_LOG` overrides it. Default `info`.
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line (for log shippers).
+    #[default]
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+pub(crate) const DEFAULT_TABLE: &str = "outbox";
+pub(crate) const DEFAULT_BATCH_SIZE: u32 = 500;
+pub(crate) const MAX_BATCH_SIZE: u32 = 10_000;
+
+fn default_table() -> String {
+    DEFAULT_TABLE.to_owned()
+}
+fn default_max_connections() -> u32 {
+    2
+}
+fn default_statement_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_batch_size() -> u32 {
+    DEFAULT_BATCH_SIZE
+}
+fn default_poll_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_true() -> bool {
+    true
+}
+fn default_lease_duration() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_summary_interval() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_attempts() -> u32 {
+    10
+}
+fn default_initial_backoff() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_topic() -> String {
+    "outbox.event.{aggregate_type}".to_owned()
+}
+fn default_exchange() -> String {
+    "outbox".to_owned()
+}
+fn default_routing_key() -> String {
+    "{aggregate_type}.{event_type}".to_owned()
+}
+fn default_confirm_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_level() -> String {
+    "info".to_owned()
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: default_batch_size(),
+            poll_interval: default_poll_interval(),
+            listen: true,
+            lease_duration: default_lease_duration(),
+            shutdown_timeout: default_shutdown_timeout(),
+            summary_interval: default_summary_interval(),
+        }
+    }
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_max_attempts(),
+            initial_backoff: default_initial_backoff(),
+            max_backoff: default_max_backoff(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::default(),
+            level: default_level(),
+        }
+    }
+}
+
+/// Why a configuration was refused. Both variants mean exit code 2.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or parsed, a key is unknown, or a value has the wrong type.
+    #[error("cannot load configuration")]
+    Load(#[source] config::ConfigError),
+    /// A value parsed but breaks a constraint.
+    #[error("invalid configuration: `{key}` {constraint}")]
+    Invalid {
+        /// Dotted key, e.g. `relay.batch_size`.
+        key: String,
+        /// What the value must satisfy.
+        constraint: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, constraint: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        constraint: constraint.into(),
+    }
+}
+
+/// librdkafka properties the relay sets itself and refuses to see changed, because they carry the
+/// delivery guarantee (`acks=all`, idempotence) or the broker list (`sink.kafka.brokers`).
+const KAFKA_PINNED: &[(&str, &str)] = &[
+    ("acks", "all"),
+    ("request.required.acks", "all"),
+    ("enable.idempotence", "true"),
+];
+const KAFKA_OWNED: &[&str] = &["bootstrap.servers", "metadata.broker.list"];
+
+impl Config {
+    /// Reads `path` (TOML) and applies `OUTBOX_RELAY__*` environment overrides, then validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let raw = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__"),
+            )
+            .build()
+            .map_err(ConfigError::Load)?;
+        let config: Config = raw.try_deserialize().map_err(ConfigError::Load)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every constraint serde cannot express; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let url = self.database.url.expose_secret();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(invalid(
+                "database.url",
+                "must be a postgres:// or postgresql:// URL",
+            ));
+        }
+        if sqlx::postgres::PgConnectOptions::from_str(url).is_err() {
+            // The parse error may quote the URL, password included: do not pass it on.
+            return Err(invalid("database.url", "is not a valid PostgreSQL URL"));
+        }
+        Table::parse(&self.database.table)
+            .map_err(|constraint| invalid("database.table", constraint))?;
+        if !(1..=64).contains(&self.database.max_connections) {
+            return Err(invalid(
+                "database.max_connections",
+                "must be between 1 and 64",
+            ));
+        }
+        check_duration(
+            "database.statement_timeout",
+            self.database.statement_timeout,
+            Duration::from_millis(100),
+        )?;
+
+        let relay = &self.relay;
+        if !(1..=MAX_BATCH_SIZE).contains(&relay.batch_size) {
+            return Err(invalid(
+                "relay.batch_size",
+                format!("must be between 1 and {MAX_BATCH_SIZE}"),
+            ));
+        }
+        check_duration(
+            "relay.poll_interval",
+            relay.poll_interval,
+            Duration::from_millis(10),
+        )?;
+        check_duration(
+            "relay.lease_duration",
+            relay.lease_duration,
+            Duration::from_secs(1),
+        )?;
+        check_duration(
+            "relay.shutdown_timeout",
+            relay.shutdown_timeout,
+            Duration::from_millis(1),
+        )?;
+        check_duration(
+            "relay.summary_interval",
+            relay.summary_interval,
+            Duration::from_secs(1),
+        )?;
+
+        let retry = &self.retry;
+        if retry.max_attempts == 0 {
+            return Err(invalid("retry.max_attempts", "must be at least 1"));
+        }
+        check_duration(
+            "retry.initial_backoff",
+            retry.initial_backoff,
+            Duration::from_millis(1),
+        )?;
+        if retry.max_backoff < retry.initial_backoff {
+            return Err(invalid(
+                "retry.max_backoff",
+                "must be at least retry.initial_backoff",
+            ));
+        }
+
+        match self.sink.kind {
+            SinkKind::Kafka => {
+                let kafka = self.sink.kafka.as_ref().ok_or_else(|| {
+                    invalid("sink.kafka", "is required when sink.kind = \"kafka\"")
+                })?;
+                kafka.validate(relay.lease_duration)?;
+            }
+            SinkKind::Rabbitmq => {
+                let rabbit = self.sink.rabbitmq.as_ref().ok_or_else(|| {
+                    invalid("sink.rabbitmq", "is required when sink.kind = \"rabbitmq\"")
+                })?;
+                rabbit.validate()?;
+            }
+        }
+
+        if !matches!(self.log.level.trim(), "") {
+            tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|_| {
+                invalid(
+                    "log.level",
+                    "must be a tracing filter such as \"info\" or \"outbox_relay=debug,warn\"",
+                )
+            })?;
+        } else {
+            return Err(invalid("log.level", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// The validated outbox table name.
+    pub(crate) fn table(&self) -> Table {
+        Table::parse(&self.database.table).expect("validated in Config::validate")
+    }
+}
+
+impl KafkaConfig {
+    fn validate(&self, lease: Duration) -> Result<(), ConfigError> {
+        if self.brokers.split(',').all(|b| b.trim().is_empty()) {
+            return Err(invalid(
+                "sink.kafka.brokers",
+                "must name at least one host:port",
+            ));
+        }
+        Template::parse(&self.topic).map_err(|c| invalid("sink.kafka.topic", c))?;
+        for (key, value) in &self.properties {
+            if KAFKA_OWNED.contains(&key.as_str()) {
+                return Err(invalid(
+                    format!("sink.kafka.properties.\"{key}\""),
+                    "is set from sink.kafka.brokers and cannot be overridden",
+                ));
+            }
+            if let Some((_, required)) = KAFKA_PINNED.iter().find(|(k, _)| k == key) {
+                let same =
+                    value.eq_ignore_ascii_case(required) || (*required == "all" && value == "-1");
+                if !same {
+                    return Err(invalid(
+                        format!("sink.kafka.properties.\"{key}\""),
+                        format!(
+                            "must stay \"{required}\": the relay only marks rows the broker fully acknowledged"
+                        ),
+                    ));
+                }
+            }
+        }
+        let timeout = self.message_timeout();
+        if timeout * 2 > lease {
+            return Err(invalid(
+                "relay.lease_duration",
+                format!(
+                    "must be at least twice the Kafka delivery timeout (message.timeout.ms = {} ms)",
+                    timeout.as_millis()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// librdkafka's delivery timeout as the relay will configure it.
+    pub(crate) fn message_timeout(&self) -> Duration {
+        ["message.timeout.ms", "delivery.timeout.ms"]
+            .iter()
+            .find_map(|k| self.properties.get(*k))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(KAFKA_DEFAULT_MESSAGE_TIMEOUT, Duration::from_millis)
+    }
+}
+
+/// A property value as TOML (or the environment) gives it; nested tables come from dotted keys.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PropertyValue {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+    Table(BTreeMap<String, PropertyValue>),
+}
+
+/// Flattens `{compression: {type: "lz4"}}` into `{"compression.type": "lz4"}`.
+fn flat_properties<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    fn flatten(prefix: &str, value: PropertyValue, out: &mut BTreeMap<String, String>) {
+        let text = match value {
+            PropertyValue::Bool(b) => b.to_string(),
+            PropertyValue::Int(i) => i.to_string(),
+            PropertyValue::Float(f) => f.to_string(),
+            PropertyValue::Text(t) => t,
+            PropertyValue::Table(table) => {
+                for (key, value) in table {
+                    flatten(&format!("{prefix}{key}."), value, out);
+                }
+                return;
+            }
+        };
+        out.insert(prefix.trim_end_matches('.').to_owned(), text);
+    }
+    let top = BTreeMap::<String, PropertyValue>::deserialize(d)?;
+    let mut out = BTreeMap::new();
+    for (key, value) in top {
+        flatten(&format!("{key}."), value, &mut out);
+    }
+    Ok(out)
+}
+
+/// The relay's default for librdkafka `message.timeout.ms` (librdkafka's own is 5 minutes, which
+/// would force very long leases).
+pub(crate) const KAFKA_DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl RabbitMqConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let url = self.url.expose_secret();
+        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+            return Err(invalid(
+                "sink.rabbitmq.url",
+                "must be an amqp:// or amqps:// URL",
+            ));
+        }
+        Template::parse(&self.exchange).map_err(|c| invalid("sink.rabbitmq.exchange", c))?;
+        Template::parse(&self.routing_key).map_err(|c| invalid("sink.rabbitmq.routing_key", c))?;
+        check_duration(
+            "sink.rabbitmq.confirm_timeout",
+            self.confirm_timeout,
+            Duration::from_millis(10),
+        )
+    }
+}
+
+fn check_duration(key: &str, value: Duration, min: Duration) -> Result<(), ConfigError> {
+    if value < min {
+        return Err(invalid(
+            key,
+            format!("must be at least {}", humantime::format_duration(min)),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml: &str) -> Result<Config, ConfigError> {
+        let raw = config::Config::builder()
+            .add_source(config::File::from_str(toml, config::FileFormat::Toml))
+            .build()
+            .map_err(ConfigError::Load)?;
+        let config: Config = raw.try_deserialize().map_err(ConfigError::Load)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    const MINIMAL: &str = r#"
+        [database]
+        url = "postgres://postgres@127.0.0.1:5432/app"
+        [sink]
+        kind = "kafka"
+        [sink.kafka]
+        brokers = "127.0.0.1:9092"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let config = parse(MINIMAL).expect("valid");
+        assert_eq!(config.database.table, "outbox");
+        assert_eq!(config.relay.batch_size, 500);
+        assert_eq!(config.relay.poll_interval, Duration::from_secs(1));
+        assert!(config.relay.listen);
+        assert_eq!(config.retry.max_attempts, 10);
+        assert_eq!(config.retry.max_backoff, Duration::from_secs(300));
+        assert_eq!(config.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn reference_file_is_valid_and_complete() {
+        let text = include_str!("../config/outbox-relay.toml");
+        let config = parse(text).expect("the reference config must be valid");
+        assert_eq!(config.sink.kind, SinkKind::Kafka);
+        assert!(
+            config.sink.rabbitmq.is_some(),
+            "reference documents [sink.rabbitmq]"
+        );
+        // Every key the structs know must be documented in the reference file.
+        for key in [
+            "url",
+            "table",
+            "max_connections",
+            "statement_timeout",
+            "batch_size",
+            "poll_interval",
+            "listen",
+            "lease_duration",
+            "shutdown_timeout",
+            "summary_interval",
+            "max_attempts",
+            "initial_backoff",
+            "max_backoff",
+            "kind",
+            "brokers",
+            "topic",
+            "exchange",
+            "routing_key",
+            "declare_exchange",
+            "confirm_timeout",
+            "format",
+            "level",
+        ] {
+            assert!(
+                text.lines()
+                    .any(|l| l.trim_start().starts_with(&format!("{key} ="))),
+                "config/outbox-relay.toml does not document `{key}`"
+            );
+        }
+    }
+
+    #[test]
+    fn dotted_property_keys_are_flattened() {
+        let toml = format!(
+            "{MINIMAL}\n[sink.kafka.properties]\ncompression.type = \"lz4\"\nlinger.ms = 10\n"
+        );
+        let config = parse(&toml).expect("valid");
+        let props = &config.sink.kafka.unwrap().properties;
+        assert_eq!(
+            props.get("compression.type").map(String::as_str),
+            Some("lz4")
+        );
+        assert_eq!(props.get("linger.ms").map(String::as_str), Some("10"));
+    }
+
+    #[test]
+    fn weakening_acks_is_refused_naming_the_property() {
+        let toml = format!("{MINIMAL}\n[sink.kafka.properties]\nacks = \"1\"\n");
+        let err = parse(&toml)
+            .expect_err("acks=1 must be refused")
+            .to_string();
+        assert!(err.contains("sink.kafka.properties.\"acks\""), "{err}");
+    }
+
+    #[test]
+    fn short_lease_against_kafka_timeout_is_refused() {
+        let toml = MINIMAL.replace("[sink]", "[relay]\nlease_duration = \"10s\"\n[sink]");
+        let err = parse(&toml).expect_err("lease too short").to_string();
+        assert!(err.contains("relay.lease_duration"), "{err}");
+    }
+
+    #[test]
+    fn max_backoff_below_initial_is_refused() {
+        let toml = MINIMAL.replace(
+            "[sink]",
+            "[retry]\ninitial_backoff = \"10s\"\nmax_backoff = \"1s\"\n[sink]",
+        );
+        let err = parse(&toml).expect_err("bad backoff").to_string();
+        assert!(err.contains("retry.max_backoff"), "{err}");
+    }
+
+    #[test]
+    fn missing_sink_section_is_named() {
+        let toml = MINIMAL.replace("kind = \"kafka\"", "kind = \"rabbitmq\"");
+        let err = parse(&toml).expect_err("no rabbitmq section").to_string();
+        assert!(err.contains("sink.rabbitmq"), "{err}");
+    }
+}

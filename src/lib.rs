@@ -1,0 +1,24 @@
+//! outbox-relay: publishes the rows of a transactional-outbox table in PostgreSQL to Kafka (or
+//! RabbitMQ), at least once, in order per aggregate, and marks them `published_at`.
+//!
+//! An application writes its business rows and an event row into the outbox in one transaction;
+//! the relay, running as a sidecar, claims committed rows in batches, publishes them, and marks
+//! each row only after the broker acknowledged it. See the README for the guarantees.
+//!
+//! # Layout
+//! - [`cli`]: the `outbox-relay` command line (`run`, `migrate`, `check`) and exit codes.
+//! - [`config`]: the TOML + environment configuration, its defaults and validation.
+//! - `outbox`: the outbox table: its validated name, rows, every SQL statement (claim, mark,
+//!   retry, release), `migrate`, the schema check, and the LISTEN wake-up task.
+//! - `publisher`: the delivery contract (`publisher::Publisher`) and the sinks (Kafka).
+//! - [`relay`]: the main loop: claim → publish → settle, drain mode, backoff, outage handling.
+//! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token.
+//! - [`telemetry`]: logging setup and error-chain display.
+
+pub mod cli;
+pub mod config;
+pub(crate) mod outbox;
+pub(crate) mod publisher;
+pub mod relay;
+pub mod shutdown;
+pub mod telemetry;

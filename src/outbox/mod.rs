@@ -1,0 +1,157 @@
+//! The outbox table: its name, its rows, and every SQL statement the relay runs against it.
+//!
+//! All SQL lives in this module ([`store`], [`schema`]) so it can be read in one place; the table
+//! name is configurable, so statements are rendered once at start-up from a validated, quoted
+//! [`Table`] and then reused as prepared statements.
+
+pub(crate) mod listener;
+pub(crate) mod schema;
+pub(crate) mod store;
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+/// A validated outbox table name, optionally schema-qualified (`billing.outbox`).
+///
+/// Parts must match `[a-z_][a-z0-9_]{0,62}`, so the quoted form can be put into SQL text safely.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table {
+    schema: Option<String>,
+    name: String,
+}
+
+impl Table {
+    /// Parses `name` or `schema.name`; the error is the constraint that was broken.
+    pub fn parse(raw: &str) -> Result<Self, &'static str> {
+        const CONSTRAINT: &str =
+            "must be `name` or `schema.name`, each part matching [a-z_][a-z0-9_]{0,62}";
+        let mut parts = raw.split('.');
+        let (schema, name) = match (parts.next(), parts.next(), parts.next()) {
+            (Some(name), None, None) => (None, name),
+            (Some(schema), Some(name), None) => (Some(schema), name),
+            _ => return Err(CONSTRAINT),
+        };
+        let valid = |part: &str| {
+            let mut chars = part.chars();
+            matches!(chars.next(), Some('a'..='z' | '_'))
+                && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+                && part.len() <= 63
+        };
+        if !valid(name) || !schema.is_none_or(valid) {
+            return Err(CONSTRAINT);
+        }
+        Ok(Self {
+            schema: schema.map(str::to_owned),
+            name: name.to_owned(),
+        })
+    }
+
+    /// The quoted, possibly qualified name to put into SQL: `"billing"."outbox"`.
+    pub(crate) fn quoted(&self) -> String {
+        match &self.schema {
+            Some(schema) => format!("\"{schema}\".\"{}\"", self.name),
+            None => format!("\"{}\"", self.name),
+        }
+    }
+
+    /// The quoted name of a companion object (index, trigger, function) in the table's schema.
+    pub(crate) fn companion(&self, suffix: &str) -> String {
+        let name = format!("{}_{suffix}", self.name);
+        match &self.schema {
+            Some(schema) => format!("\"{schema}\".\"{name}\""),
+            None => format!("\"{name}\""),
+        }
+    }
+
+    /// The bare relation name, without schema.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The schema given in the configuration, if any.
+    pub(crate) fn schema(&self) -> Option<&str> {
+        self.schema.as_deref()
+    }
+}
+
+impl fmt::Display for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.schema {
+            Some(schema) => write!(f, "{schema}.{}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+/// One claimed outbox row, as the publishers see it.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    /// Position in the outbox; orders events of an aggregate.
+    pub id: i64,
+    /// Stable message id consumers deduplicate on.
+    pub event_id: Uuid,
+    /// Kind of aggregate (`order`); usually part of the destination.
+    pub aggregate_type: String,
+    /// Ordering key and Kafka message key.
+    pub aggregate_id: String,
+    /// Kind of event (`order_placed`).
+    pub event_type: String,
+    /// The event body, JSON text exactly as stored.
+    pub payload: String,
+    /// The row's extra headers, JSON text (an object of strings is expected).
+    pub headers: String,
+    /// When the application wrote the row.
+    pub created_at: DateTime<Utc>,
+    /// Delivery attempts, this one included.
+    pub attempts: i32,
+}
+
+/// The fencing token of one claim: the lease expiry written into `next_attempt_at` of every row
+/// of the batch. A statement that settles rows only matches rows still carrying this exact value,
+/// so an instance whose lease ran out (and whose rows were claimed again) changes nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Lease {
+    pub(crate) until: DateTime<Utc>,
+}
+
+/// A claimed batch: rows in `id` order plus the lease that fences them.
+#[derive(Debug)]
+pub(crate) struct Batch {
+    pub(crate) rows: Vec<OutboxRow>,
+    pub(crate) lease: Lease,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Table;
+
+    #[test]
+    fn table_names_are_validated_and_quoted() {
+        assert_eq!(Table::parse("outbox").unwrap().quoted(), "\"outbox\"");
+        assert_eq!(
+            Table::parse("billing.outbox").unwrap().quoted(),
+            "\"billing\".\"outbox\""
+        );
+        assert_eq!(
+            Table::parse("billing.outbox")
+                .unwrap()
+                .companion("pending_idx"),
+            "\"billing\".\"outbox_pending_idx\""
+        );
+        for bad in [
+            "",
+            "Outbox",
+            "out-box",
+            "a.b.c",
+            "1outbox",
+            "outbox;drop",
+            "a.",
+            ".a",
+            "x\"y",
+        ] {
+            assert!(Table::parse(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+}

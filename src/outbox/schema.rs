@@ -1,0 +1,294 @@
+//! `migrate` (versioned, embedded SQL applied to the configured table) and the schema check used
+//! by `check` and at start-up.
+
+use std::fmt;
+
+use sqlx::postgres::PgConnection;
+use sqlx::{Acquire, AssertSqlSafe, Connection, Row};
+
+use super::Table;
+
+/// The migrations, in order, embedded in the binary. Versions are recorded per table in
+/// `outbox_relay_migrations` (in the outbox table's schema).
+const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "outbox",
+    include_str!("../../migrations/0001_outbox.sql"),
+)];
+
+/// Renders a migration for `table`: every placeholder becomes a validated, quoted identifier.
+fn render(sql: &str, table: &Table) -> String {
+    let bare = |suffix: &str| format!("\"{}_{suffix}\"", table.name());
+    sql.replace("{{table}}", &table.quoted())
+        .replace("{{pending_index}}", &bare("pending_idx"))
+        .replace("{{aggregate_index}}", &bare("aggregate_pending_idx"))
+        .replace("{{notify_trigger}}", &bare("relay_notify"))
+        .replace("{{notify_function}}", &table.companion("relay_notify"))
+}
+
+fn tracking_table(table: &Table) -> String {
+    match table.schema() {
+        Some(schema) => format!("\"{schema}\".\"outbox_relay_migrations\""),
+        None => "\"outbox_relay_migrations\"".to_owned(),
+    }
+}
+
+/// What `migrate` did.
+#[derive(Debug)]
+pub(crate) struct Migrated {
+    /// Versions applied by this run (empty when the table was up to date).
+    pub(crate) applied: Vec<i32>,
+    /// The newest version now in place.
+    pub(crate) current: i32,
+}
+
+/// Applies the missing migrations to `table` in one transaction. Safe to run from several
+/// sidecars at once: an advisory lock per table serialises them, and the second finds nothing to do.
+pub(crate) async fn migrate(
+    conn: &mut PgConnection,
+    table: &Table,
+) -> Result<Migrated, sqlx::Error> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("outbox-relay:migrate:{table}"))
+        .execute(&mut *tx)
+        .await?;
+    if let Some(schema) = table.schema() {
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "create schema if not exists \"{schema}\""
+        )))
+        .execute(&mut *tx)
+        .await?;
+    }
+    let tracking = tracking_table(table);
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "create table if not exists {tracking} (
+             table_name text not null,
+             version    integer not null,
+             name       text not null,
+             applied_at timestamptz not null default now(),
+             primary key (table_name, version))"
+    )))
+    .execute(&mut *tx)
+    .await?;
+    let applied: Vec<i32> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "select version from {tracking} where table_name = $1"
+    )))
+    .bind(table.to_string())
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut done = Vec::new();
+    for (version, name, sql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        sqlx::raw_sql(AssertSqlSafe(render(sql, table)))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "insert into {tracking} (table_name, version, name) values ($1, $2, $3)"
+        )))
+        .bind(table.to_string())
+        .bind(version)
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+        done.push(*version);
+    }
+    tx.commit().await?;
+    Ok(Migrated {
+        applied: done,
+        current: MIGRATIONS.last().map_or(0, |m| m.0),
+    })
+}
+
+/// A column the relay reads or writes, and the types it accepts.
+struct Required {
+    name: &'static str,
+    types: &'static [&'static str],
+}
+
+const REQUIRED: &[Required] = &[
+    Required {
+        name: "id",
+        types: &["bigint"],
+    },
+    Required {
+        name: "event_id",
+        types: &["uuid"],
+    },
+    Required {
+        name: "aggregate_type",
+        types: &["text", "character varying"],
+    },
+    Required {
+        name: "aggregate_id",
+        types: &["text", "character varying"],
+    },
+    Required {
+        name: "event_type",
+        types: &["text", "character varying"],
+    },
+    Required {
+        name: "payload",
+        types: &["jsonb", "json"],
+    },
+    Required {
+        name: "headers",
+        types: &["jsonb", "json"],
+    },
+    Required {
+        name: "created_at",
+        types: &["timestamp with time zone"],
+    },
+    Required {
+        name: "published_at",
+        types: &["timestamp with time zone"],
+    },
+    Required {
+        name: "attempts",
+        types: &["integer"],
+    },
+    Required {
+        name: "next_attempt_at",
+        types: &["timestamp with time zone"],
+    },
+    Required {
+        name: "last_error",
+        types: &["text", "character varying"],
+    },
+    Required {
+        name: "dead_lettered_at",
+        types: &["timestamp with time zone"],
+    },
+];
+
+/// What the schema check found.
+#[derive(Debug)]
+pub(crate) struct Inspection {
+    /// `schema.table` as PostgreSQL resolved it.
+    pub(crate) resolved: String,
+    /// Required columns that are absent.
+    pub(crate) missing: Vec<&'static str>,
+    /// Required columns present with an unusable type: (column, found type).
+    pub(crate) wrong_type: Vec<(&'static str, String)>,
+    /// Columns beyond the required ones (the application's own).
+    pub(crate) extra: Vec<String>,
+    /// Whether the NOTIFY trigger of `migrate` is installed.
+    pub(crate) has_notify_trigger: bool,
+    /// The channel the NOTIFY trigger uses for this table.
+    pub(crate) channel: String,
+}
+
+impl Inspection {
+    /// True when the relay can run against the table.
+    pub(crate) fn is_usable(&self) -> bool {
+        self.missing.is_empty() && self.wrong_type.is_empty()
+    }
+}
+
+impl fmt::Display for Inspection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "table {}: ", self.resolved)?;
+        if self.is_usable() {
+            write!(f, "all {} required columns present", REQUIRED.len())?;
+        } else {
+            if !self.missing.is_empty() {
+                write!(f, "missing columns: {}", self.missing.join(", "))?;
+            }
+            for (column, found) in &self.wrong_type {
+                write!(f, "; column {column} has type {found}")?;
+            }
+        }
+        if !self.extra.is_empty() {
+            write!(f, "; extra columns: {}", self.extra.join(", "))?;
+        }
+        if self.has_notify_trigger {
+            write!(f, "; notify trigger: installed (channel {})", self.channel)
+        } else {
+            write!(f, "; notify trigger: absent")
+        }
+    }
+}
+
+/// Why the table cannot be inspected.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum InspectError {
+    /// `to_regclass` found nothing.
+    #[error("outbox table {0} does not exist: run `outbox-relay migrate`")]
+    Missing(Table),
+    /// The catalog query failed.
+    #[error("cannot read the outbox table's columns")]
+    Query(#[from] sqlx::Error),
+}
+
+/// Reads the table's columns and trigger from the catalog and compares them with what the relay needs.
+pub(crate) async fn inspect(
+    conn: &mut PgConnection,
+    table: &Table,
+) -> Result<Inspection, InspectError> {
+    let conn = conn.acquire().await?;
+    let found = sqlx::query(
+        "select n.nspname, c.relname, c.oid::bigint as oid from pg_class c
+         join pg_namespace n on n.oid = c.relnamespace
+         where c.oid = to_regclass($1)",
+    )
+    .bind(table.quoted())
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(found) = found else {
+        return Err(InspectError::Missing(table.clone()));
+    };
+    let schema: String = found.try_get(0)?;
+    let relname: String = found.try_get(1)?;
+    let oid: i64 = found.try_get(2)?;
+    let columns = sqlx::query(
+        "select attname::text, format_type(atttypid, atttypmod) from pg_attribute
+         where attrelid = $1::bigint::oid and attnum > 0 and not attisdropped order by attnum",
+    )
+    .bind(oid)
+    .fetch_all(&mut *conn)
+    .await?;
+    let columns: Vec<(String, String)> = columns
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<Result<_, sqlx::Error>>()?;
+    let has_notify_trigger: bool = sqlx::query_scalar(
+        "select exists (select 1 from pg_trigger where tgrelid = $1::bigint::oid and tgname = $2)",
+    )
+    .bind(oid)
+    .bind(format!("{}_relay_notify", table.name()))
+    .fetch_one(&mut *conn)
+    .await?;
+
+    let mut inspection = Inspection {
+        channel: format!("outbox_relay:{schema}.{relname}"),
+        resolved: format!("{schema}.{relname}"),
+        missing: Vec::new(),
+        wrong_type: Vec::new(),
+        extra: Vec::new(),
+        has_notify_trigger,
+    };
+    for required in REQUIRED {
+        match columns.iter().find(|(name, _)| name == required.name) {
+            None => inspection.missing.push(required.name),
+            Some((_, ty)) if !required.types.contains(&ty.as_str()) => {
+                inspection.wrong_type.push((required.name, ty.clone()));
+            }
+            Some(_) => {}
+        }
+    }
+    inspection.extra = columns
+        .into_iter()
+        .filter(|(name, _)| !REQUIRED.iter().any(|r| r.name == name))
+        .map(|(name, _)| name)
+        .collect();
+    Ok(inspection)
+}
+
+/// Connects once (used by `migrate` and `check`).
+pub(crate) async fn connect(
+    options: &sqlx::postgres::PgConnectOptions,
+) -> Result<PgConnection, sqlx::Error> {
+    PgConnection::connect_with(options).await
+}

@@ -1,0 +1,304 @@
+//! Claim, mark, retry and release: the relay's statements against the outbox table.
+//!
+//! # Claim protocol
+//! A claim is one short transaction: it takes a transaction-scoped advisory lock (so concurrent
+//! claimers on the same table are serialised and cannot reorder an aggregate between them), picks
+//! up to `batch_size` due rows in `id` order whose aggregate has no earlier row that is waiting
+//! (leased by someone or backing off), and leases them by writing `next_attempt_at = lease expiry`
+//! and `attempts = attempts + 1`. No transaction or row lock is held while the broker works.
+//!
+//! The lease expiry doubles as a fencing token: mark, retry and release only touch rows whose
+//! `next_attempt_at` still equals it, so an instance that lost its lease (paused, partitioned)
+//! cannot overwrite the state written by the instance that took the rows over.
+//!
+//! Counting the attempt at claim time means a row that crashes the relay still uses up its
+//! attempts; attempts that failed for a reason that is not the row's (broker down, shutdown) are
+//! given back by [`Store::release`].
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use secrecy::ExposeSecret;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, Row, SqlSafeStr, SqlStr};
+
+use super::{Batch, Lease, OutboxRow, Table};
+use crate::config::DatabaseConfig;
+
+/// `application_name` of every relay session, so operators (and tests) can find them in
+/// `pg_stat_activity`.
+pub(crate) const APPLICATION_NAME: &str = "outbox-relay";
+
+/// A database operation failed. All of them are retried by the relay after a pause; the
+/// SQLSTATE tells the operator what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("database {op} failed")]
+pub(crate) struct StoreError {
+    /// Which statement failed (`claim`, `mark`, ...).
+    pub(crate) op: &'static str,
+    #[source]
+    pub(crate) source: sqlx::Error,
+}
+
+impl StoreError {
+    fn new(op: &'static str) -> impl FnOnce(sqlx::Error) -> Self {
+        move |source| Self { op, source }
+    }
+
+    /// An operator hint for errors that need a human, e.g. a missing table.
+    pub(crate) fn hint(&self) -> Option<&'static str> {
+        let code = self.source.as_database_error()?.code()?;
+        match code.as_ref() {
+            "42P01" => Some("the outbox table does not exist: run `outbox-relay migrate`"),
+            "42703" | "42804" => Some(
+                "the outbox table lacks a required column or has a wrong type: run `outbox-relay check`",
+            ),
+            "42501" => Some("the relay's database role lacks a privilege on the outbox table"),
+            _ => None,
+        }
+    }
+}
+
+/// Connection options for every relay session: application name, statement timeout, and
+/// `synchronous_commit = off`. Asynchronous commit is safe here: a claim or mark lost in a
+/// database crash only makes a row publish again (a duplicate, which at-least-once allows), it
+/// can never make a row count as published when it was not; the application's own transactions
+/// keep their setting.
+pub(crate) fn connect_options(config: &DatabaseConfig) -> Result<PgConnectOptions, sqlx::Error> {
+    let timeout_ms = config.statement_timeout.as_millis().to_string();
+    Ok(PgConnectOptions::from_str(config.url.expose_secret())?
+        .application_name(APPLICATION_NAME)
+        .options([
+            ("statement_timeout", timeout_ms.as_str()),
+            ("synchronous_commit", "off"),
+        ]))
+}
+
+/// A lazily connected pool: the relay starts even when the database is down and keeps retrying.
+pub(crate) fn pool(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
+    Ok(PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(connect_options(config)?))
+}
+
+/// The relay's statements against one outbox table.
+#[derive(Debug, Clone)]
+pub(crate) struct Store {
+    pool: PgPool,
+    /// Name of the claim advisory lock, hashed by PostgreSQL; one per table.
+    lock_name: String,
+    claim: SqlStr,
+    mark: SqlStr,
+    retry: SqlStr,
+    release: SqlStr,
+    pending: SqlStr,
+}
+
+fn sql(text: String) -> SqlStr {
+    AssertSqlSafe(text).into_sql_str()
+}
+
+impl Store {
+    pub(crate) fn new(pool: PgPool, table: &Table) -> Self {
+        let t = table.quoted();
+        let claim = format!(
+            "with lease as materialized (
+                 select clock_timestamp() + $2 * interval '1 millisecond' as until
+             ),
+             claimable as (
+                 select o.id from {t} o
+                 where o.published_at is null and o.dead_lettered_at is null
+                   and (o.next_attempt_at is null or o.next_attempt_at <= now())
+                   and not exists (
+                       select 1 from {t} p
+                       where p.aggregate_id = o.aggregate_id and p.id < o.id
+                         and p.published_at is null and p.dead_lettered_at is null
+                         and p.next_attempt_at > now())
+                 order by o.id
+                 limit $1
+                 for update of o
+             )
+             update {t} o
+             set attempts = o.attempts + 1, next_attempt_at = lease.until
+             from claimable c, lease
+             where o.id = c.id
+             returning o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
+                       o.payload::text as payload, o.headers::text as headers, o.created_at,
+                       o.attempts, lease.until"
+        );
+        let mark = format!(
+            "update {t} set published_at = now(), next_attempt_at = null
+             where id = any($1) and next_attempt_at = $2 and published_at is null"
+        );
+        let retry = format!(
+            "update {t} o
+             set last_error = f.error,
+                 next_attempt_at = case when f.dead then null
+                                        else clock_timestamp() + f.delay_ms * interval '1 millisecond' end,
+                 dead_lettered_at = case when f.dead then now() end
+             from unnest($1::bigint[], $2::text[], $3::bigint[], $4::bool[]) as f(id, error, delay_ms, dead)
+             where o.id = f.id and o.next_attempt_at = $5 and o.published_at is null"
+        );
+        let release = format!(
+            "update {t}
+             set attempts = greatest(attempts - 1, 0), next_attempt_at = null,
+                 last_error = coalesce($3, last_error)
+             where id = any($1) and next_attempt_at = $2 and published_at is null"
+        );
+        let pending = format!(
+            "select count(*), min(created_at) from {t}
+             where published_at is null and dead_lettered_at is null"
+        );
+        Self {
+            pool,
+            lock_name: format!("outbox-relay:claim:{table}"),
+            claim: sql(claim),
+            mark: sql(mark),
+            retry: sql(retry),
+            release: sql(release),
+            pending: sql(pending),
+        }
+    }
+
+    /// Claims up to `limit` due rows for `lease_duration`; see the module docs for the protocol.
+    pub(crate) async fn claim(
+        &self,
+        limit: u32,
+        lease_duration: Duration,
+    ) -> Result<Option<Batch>, StoreError> {
+        let err = StoreError::new("claim");
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(&self.lock_name)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::new("claim"))?;
+        let lease_ms = i64::try_from(lease_duration.as_millis()).unwrap_or(i64::MAX);
+        let rows = sqlx::query(self.claim.clone())
+            .bind(i64::from(limit))
+            .bind(lease_ms)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::new("claim"))?;
+        tx.commit().await.map_err(StoreError::new("claim"))?;
+        let Some(first) = rows.first() else {
+            return Ok(None);
+        };
+        let lease = Lease {
+            until: first.try_get("until").map_err(StoreError::new("claim"))?,
+        };
+        let mut rows = rows
+            .iter()
+            .map(decode_row)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(StoreError::new("claim"))?;
+        rows.sort_unstable_by_key(|r| r.id);
+        Ok(Some(Batch { rows, lease }))
+    }
+
+    /// Marks acknowledged rows published, in one statement. Returns how many rows still carried
+    /// the lease; fewer than `ids.len()` means another instance took some over (fenced).
+    pub(crate) async fn mark_published(
+        &self,
+        ids: &[i64],
+        lease: Lease,
+    ) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let done = sqlx::query(self.mark.clone())
+            .bind(ids)
+            .bind(lease.until)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::new("mark"))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Records failed attempts: each row gets its error and either a retry time or, when
+    /// `dead`, `dead_lettered_at`.
+    pub(crate) async fn record_failures(
+        &self,
+        failures: &[Failure],
+        lease: Lease,
+    ) -> Result<u64, StoreError> {
+        if failures.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<i64> = failures.iter().map(|f| f.id).collect();
+        let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
+        let delays: Vec<i64> = failures
+            .iter()
+            .map(|f| i64::try_from(f.retry_in.as_millis()).unwrap_or(i64::MAX))
+            .collect();
+        let dead: Vec<bool> = failures.iter().map(|f| f.dead).collect();
+        let done = sqlx::query(self.retry.clone())
+            .bind(&ids)
+            .bind(&errors)
+            .bind(&delays)
+            .bind(&dead)
+            .bind(lease.until)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::new("retry"))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Gives rows back without using up an attempt: they become due at once (the relay itself
+    /// pauses when the broker is down). `error`, when given, is kept as `last_error`.
+    pub(crate) async fn release(
+        &self,
+        ids: &[i64],
+        lease: Lease,
+        error: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let done = sqlx::query(self.release.clone())
+            .bind(ids)
+            .bind(lease.until)
+            .bind(error)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::new("release"))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Rows waiting to be published (not dead) and the creation time of the oldest.
+    pub(crate) async fn pending(&self) -> Result<(i64, Option<DateTime<Utc>>), StoreError> {
+        let row = sqlx::query(self.pending.clone())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(StoreError::new("pending count"))?;
+        let count: i64 = row.try_get(0).map_err(StoreError::new("pending count"))?;
+        let oldest: Option<DateTime<Utc>> =
+            row.try_get(1).map_err(StoreError::new("pending count"))?;
+        Ok((count, oldest))
+    }
+}
+
+/// One failed attempt to record.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub(crate) id: i64,
+    pub(crate) error: String,
+    pub(crate) retry_in: Duration,
+    pub(crate) dead: bool,
+}
+
+fn decode_row(row: &PgRow) -> Result<OutboxRow, sqlx::Error> {
+    Ok(OutboxRow {
+        id: row.try_get("id")?,
+        event_id: row.try_get("event_id")?,
+        aggregate_type: row.try_get("aggregate_type")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+        event_type: row.try_get("event_type")?,
+        payload: row.try_get("payload")?,
+        headers: row.try_get("headers")?,
+        created_at: row.try_get("created_at")?,
+        attempts: row.try_get("attempts")?,
+    })
+}

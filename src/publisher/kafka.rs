@@ -1,0 +1,251 @@
+//! The Kafka sink: an idempotent rdkafka producer with `acks=all`.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+
+use super::template::Template;
+use super::{ErrorClass, Outcomes, PublishError, Publisher, headers};
+use crate::config::{KAFKA_DEFAULT_MESSAGE_TIMEOUT, KafkaConfig};
+use crate::outbox::OutboxRow;
+
+/// Publishes rows as Kafka messages: key `aggregate_id`, value the payload, headers the event's
+/// identity plus the row's own headers.
+pub(crate) struct KafkaPublisher {
+    /// Shared handle; rdkafka runs its own polling thread that resolves delivery futures.
+    producer: FutureProducer,
+    /// Topic template rendered per row.
+    topic: Template,
+}
+
+impl fmt::Debug for KafkaPublisher {
+    // ClientConfig's Debug shows most properties, and some may be secrets: show none.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaPublisher")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The relay's producer settings, applied over the user's properties. `acks` and idempotence
+/// carry the delivery guarantee; the config validation refuses any other value for them.
+fn client_config(config: &KafkaConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client
+        .set("client.id", "outbox-relay")
+        .set("linger.ms", "5")
+        .set(
+            "message.timeout.ms",
+            KAFKA_DEFAULT_MESSAGE_TIMEOUT.as_millis().to_string(),
+        );
+    for (key, value) in &config.properties {
+        client.set(key, value);
+    }
+    client
+        .set("bootstrap.servers", &config.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all");
+    client
+}
+
+impl KafkaPublisher {
+    /// Creates the producer. librdkafka checks property names and values here (no connection is
+    /// made yet), so an error is a configuration error.
+    pub(crate) fn new(config: &KafkaConfig) -> Result<Self, KafkaError> {
+        let topic = Template::parse(&config.topic).expect("validated in Config::validate");
+        let producer = client_config(config).create()?;
+        Ok(Self { producer, topic })
+    }
+
+    /// Asks the cluster for its metadata: proves the brokers are reachable.
+    pub(crate) async fn probe(&self, timeout: Duration) -> Result<Vec<String>, KafkaError> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || {
+            producer.client().fetch_metadata(None, timeout).map(|m| {
+                m.brokers()
+                    .iter()
+                    .map(|b| format!("{}:{}", b.host(), b.port()))
+                    .collect()
+            })
+        })
+        .await
+        .map_err(|_| KafkaError::Canceled)?
+    }
+}
+
+impl Publisher for KafkaPublisher {
+    async fn publish(&self, rows: &[OutboxRow]) -> Outcomes {
+        let mut outcomes: Vec<Option<Result<(), PublishError>>> =
+            rows.iter().map(|_| None).collect();
+        let mut in_flight: Vec<(usize, DeliveryFuture)> = Vec::with_capacity(rows.len());
+        let mut awaited = 0;
+        // Aggregates with a row that failed before reaching the wire: their later rows wait.
+        let mut stopped: HashSet<&str> = HashSet::new();
+
+        for (index, row) in rows.iter().enumerate() {
+            if stopped.contains(row.aggregate_id.as_str()) {
+                outcomes[index] = Some(Err(PublishError::HeldBack));
+                continue;
+            }
+            match self
+                .enqueue(row, &mut in_flight, &mut awaited, &mut outcomes)
+                .await
+            {
+                Ok(delivery) => in_flight.push((index, delivery)),
+                Err(err) => {
+                    stopped.insert(&row.aggregate_id);
+                    outcomes[index] = Some(Err(err));
+                }
+            }
+        }
+        for (index, delivery) in in_flight.drain(awaited..) {
+            outcomes[index] = Some(delivery_outcome(delivery.await));
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.expect("every row has an outcome"))
+            .collect()
+    }
+
+    async fn flush(&self, timeout: Duration) {
+        let producer = self.producer.clone();
+        let flushed = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
+        if let Ok(Err(err)) = flushed {
+            tracing::warn!(error = %err, "kafka producer flush did not complete");
+        }
+    }
+}
+
+impl KafkaPublisher {
+    /// Hands one message to librdkafka. When its queue is full, waits for the oldest delivery
+    /// still in flight (recording its outcome) and tries again.
+    async fn enqueue(
+        &self,
+        row: &OutboxRow,
+        in_flight: &mut [(usize, DeliveryFuture)],
+        awaited: &mut usize,
+        outcomes: &mut [Option<Result<(), PublishError>>],
+    ) -> Result<DeliveryFuture, PublishError> {
+        let topic = self.topic.render(row);
+        validate_topic(&topic)?;
+        let mut kafka_headers = OwnedHeaders::new();
+        for (name, value) in headers(row)? {
+            kafka_headers = kafka_headers.insert(Header {
+                key: &name,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let mut record = FutureRecord::to(&topic)
+            .key(row.aggregate_id.as_bytes())
+            .payload(row.payload.as_bytes())
+            .timestamp(row.created_at.timestamp_millis())
+            .headers(kafka_headers);
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned))
+                    if *awaited < in_flight.len() =>
+                {
+                    record = returned;
+                    let (index, delivery) = &mut in_flight[*awaited];
+                    outcomes[*index] = Some(delivery_outcome(delivery.await));
+                    *awaited += 1;
+                }
+                Err((source, _)) => {
+                    return Err(PublishError::Kafka {
+                        class: classify(&source),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn delivery_outcome(
+    report: Result<
+        rdkafka::producer::future_producer::OwnedDeliveryResult,
+        futures::channel::oneshot::Canceled,
+    >,
+) -> Result<(), PublishError> {
+    match report {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((source, _message))) => Err(PublishError::Kafka {
+            class: classify(&source),
+            source,
+        }),
+        Err(_) => Err(PublishError::ProducerClosed),
+    }
+}
+
+/// Kafka topic names: 1 to 249 characters of `[A-Za-z0-9._-]`.
+fn validate_topic(topic: &str) -> Result<(), PublishError> {
+    let valid = (1..=249).contains(&topic.len())
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(PublishError::InvalidDestination {
+            destination: topic.to_owned(),
+            constraint: "a Kafka topic is 1 to 249 characters of [A-Za-z0-9._-]",
+        })
+    }
+}
+
+/// The one place Kafka errors are classified.
+fn classify(err: &KafkaError) -> ErrorClass {
+    use RDKafkaErrorCode as C;
+    match err.rdkafka_error_code() {
+        Some(
+            C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::InvalidMessage
+            | C::InvalidRecord
+            | C::UnknownTopic
+            | C::UnknownTopicOrPartition
+            | C::UnknownPartition
+            | C::InvalidTopic
+            | C::TopicAuthorizationFailed
+            | C::PolicyViolation,
+        ) => ErrorClass::Permanent,
+        Some(
+            C::Fatal
+            | C::ClusterAuthorizationFailed
+            | C::ProducerFenced
+            | C::InvalidProducerEpoch
+            | C::InvalidRequiredAcks,
+        ) => ErrorClass::Fatal,
+        _ => ErrorClass::Transient,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_names_are_checked() {
+        assert!(validate_topic("outbox.event.order-v1_x").is_ok());
+        for bad in ["", "a b", "a/b", "ünï", &"x".repeat(250)] {
+            let err = validate_topic(bad).unwrap_err();
+            assert_eq!(err.class(), ErrorClass::Permanent);
+        }
+    }
+
+    #[test]
+    fn errors_are_classified_once() {
+        let too_large = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
+        assert_eq!(classify(&too_large), ErrorClass::Permanent);
+        let timed_out = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+        assert_eq!(classify(&timed_out), ErrorClass::Transient);
+        let fatal = KafkaError::MessageProduction(RDKafkaErrorCode::Fatal);
+        assert_eq!(classify(&fatal), ErrorClass::Fatal);
+    }
+}

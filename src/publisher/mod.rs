@@ -1,0 +1,201 @@
+//! Publishing claimed rows to a broker, and the delivery contract every sink keeps.
+//!
+//! The set of sinks is closed, so [`Sink`] is an enum; the [`Publisher`] trait states the contract
+//! and each sink implements it.
+
+pub(crate) mod kafka;
+pub(crate) mod template;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use crate::outbox::OutboxRow;
+
+/// How the relay treats a failed publish; decided once, where the broker's error is converted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ErrorClass {
+    /// Not the row's fault (broker down, timeout, leader change, connection loss): the relay
+    /// pauses with backoff and the row keeps its attempts.
+    Transient,
+    /// The row cannot be published as it is (too large, invalid or unknown destination, denied):
+    /// it uses up an attempt and, after `retry.max_attempts`, is dead-lettered.
+    Permanent,
+    /// The producer itself is unusable (e.g. fatal idempotence error): handled like a transient
+    /// error for the rows, and logged as an error.
+    Fatal,
+}
+
+/// Why one row was not published.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PublishError {
+    /// The destination rendered from the row is not a valid topic / exchange / routing key.
+    #[error("invalid destination {destination:?}: {constraint}")]
+    InvalidDestination {
+        destination: String,
+        constraint: &'static str,
+    },
+    /// The row's `headers` column is not a JSON object.
+    #[error("headers column is not a JSON object")]
+    InvalidHeaders,
+    /// An earlier row of the same aggregate in this batch was not published, so this one was
+    /// held back to keep the aggregate's order.
+    #[error("held back behind an earlier event of the same aggregate")]
+    HeldBack,
+    /// The Kafka producer reported an error for this message.
+    #[error("kafka delivery failed")]
+    Kafka {
+        class: ErrorClass,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// The producer went away before reporting (only during shutdown).
+    #[error("producer closed before the delivery report")]
+    ProducerClosed,
+}
+
+impl PublishError {
+    /// The classification the relay acts on.
+    pub(crate) fn class(&self) -> ErrorClass {
+        match self {
+            Self::InvalidDestination { .. } | Self::InvalidHeaders => ErrorClass::Permanent,
+            Self::HeldBack | Self::ProducerClosed => ErrorClass::Transient,
+            Self::Kafka { class, .. } => *class,
+        }
+    }
+}
+
+/// The outcome of publishing one batch: one entry per row, in the order of the rows given.
+pub(crate) type Outcomes = Vec<Result<(), PublishError>>;
+
+/// A broker the relay publishes to.
+///
+/// # Delivery contract
+/// - **Published means acknowledged.** `publish` resolves `Ok(())` for a row only after the broker
+///   acknowledged that message durably: for Kafka, a successful delivery report from an
+///   idempotent producer with `acks=all` (all in-sync replicas have it); for RabbitMQ, a positive
+///   publisher confirm for a persistent, mandatory message that was not returned as unroutable.
+///   Never on enqueue, on socket write, or on a timeout. The relay marks `published_at` only for
+///   rows that got `Ok(())`.
+/// - **At least once.** An `Err` (or a crash before the outcome is known) leaves the row
+///   unpublished and it is sent again later. The message may nevertheless have reached the broker
+///   (e.g. a timeout after the broker stored it), so consumers deduplicate on `event_id`, which
+///   every message carries.
+/// - **Order.** Rows are given in `id` order; a sink puts the messages of one aggregate on the
+///   wire in that order (one Kafka partition via the key, one AMQP channel), and once a row of an
+///   aggregate fails before it reached the wire, the later rows of that aggregate in the batch are
+///   not sent ([`PublishError::HeldBack`]). A row the broker rejects *after* a later row of the
+///   same aggregate was already accepted (possible only for broker-side rejections within one
+///   batch) is the one ordering exception; see the README.
+/// - **Concurrency.** A batch is published as a whole (all messages in flight, outcomes awaited
+///   together), never one awaited message at a time.
+/// - **Cancellation.** The relay does not cancel `publish`; shutdown waits for it up to
+///   `relay.shutdown_timeout`, then abandons it and leaves the rows to be published again.
+pub(crate) trait Publisher {
+    /// Publishes `rows` and reports one outcome per row, in the same order.
+    fn publish(&self, rows: &[OutboxRow]) -> impl Future<Output = Outcomes> + Send;
+
+    /// Waits up to `timeout` for messages still queued in the client to be delivered.
+    fn flush(&self, timeout: Duration) -> impl Future<Output = ()> + Send;
+}
+
+/// The configured sink.
+#[derive(Debug)]
+pub(crate) enum Sink {
+    Kafka(kafka::KafkaPublisher),
+}
+
+impl Publisher for Sink {
+    async fn publish(&self, rows: &[OutboxRow]) -> Outcomes {
+        match self {
+            Self::Kafka(kafka) => kafka.publish(rows).await,
+        }
+    }
+
+    async fn flush(&self, timeout: Duration) {
+        match self {
+            Self::Kafka(kafka) => kafka.flush(timeout).await,
+        }
+    }
+}
+
+impl fmt::Display for Sink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Kafka(_) => f.write_str("kafka"),
+        }
+    }
+}
+
+/// The standard headers every message carries, then the row's own `headers` (an object; string
+/// values are used as they are, other JSON values as their JSON text). Row headers that reuse a
+/// standard name are skipped: the standard ones are what consumers deduplicate and route on.
+pub(crate) fn headers(row: &OutboxRow) -> Result<Vec<(String, String)>, PublishError> {
+    let extra: BTreeMap<String, serde_json::Value> =
+        serde_json::from_str(&row.headers).map_err(|_| PublishError::InvalidHeaders)?;
+    let mut out = Vec::with_capacity(STANDARD_HEADERS.len() + extra.len());
+    out.push(("event_id".to_owned(), row.event_id.to_string()));
+    out.push(("event_type".to_owned(), row.event_type.clone()));
+    out.push(("aggregate_type".to_owned(), row.aggregate_type.clone()));
+    out.push(("aggregate_id".to_owned(), row.aggregate_id.clone()));
+    for (name, value) in extra {
+        if STANDARD_HEADERS.contains(&name.as_str()) {
+            continue;
+        }
+        let value = match value {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        };
+        out.push((name, value));
+    }
+    Ok(out)
+}
+
+/// Header names the relay always sets.
+pub(crate) const STANDARD_HEADERS: [&str; 4] =
+    ["event_id", "event_type", "aggregate_type", "aggregate_id"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(headers: &str) -> OutboxRow {
+        OutboxRow {
+            id: 1,
+            event_id: uuid::Uuid::nil(),
+            aggregate_type: "order".into(),
+            aggregate_id: "42".into(),
+            event_type: "placed".into(),
+            payload: "{}".into(),
+            headers: headers.into(),
+            created_at: chrono::Utc::now(),
+            attempts: 1,
+        }
+    }
+
+    #[test]
+    fn standard_headers_come_first_and_cannot_be_overridden() {
+        let h = headers(&row(r#"{"trace": "abc", "n": 3, "event_id": "forged"}"#)).unwrap();
+        let names: Vec<&str> = h.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "event_id",
+                "event_type",
+                "aggregate_type",
+                "aggregate_id",
+                "n",
+                "trace"
+            ]
+        );
+        assert_eq!(h[0].1, uuid::Uuid::nil().to_string());
+        assert_eq!(h[4].1, "3");
+    }
+
+    #[test]
+    fn non_object_headers_are_a_permanent_error() {
+        let err = headers(&row("[1,2]")).unwrap_err();
+        assert_eq!(err.class(), ErrorClass::Permanent);
+    }
+}

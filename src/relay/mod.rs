@@ -1,0 +1,483 @@
+//! The relay loop: claim a batch, publish it, record the outcome, repeat.
+//!
+//! One iteration ([`Relay::cycle`]) claims up to `batch_size` rows, publishes them concurrently,
+//! and settles them in at most three batched statements (mark published, record failures,
+//! release). The loop drains without waiting while batches come back full and otherwise waits
+//! for a NOTIFY wake-up or the poll interval. Shutdown is only observed between batches; a batch
+//! in flight gets `shutdown_timeout` to finish.
+
+pub(crate) mod backoff;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError, RetryConfig, SinkKind};
+use crate::outbox::store::{self, Failure, Store, StoreError};
+use crate::outbox::{Batch, Lease, Table, listener};
+use crate::publisher::kafka::KafkaPublisher;
+use crate::publisher::{ErrorClass, PublishError, Publisher, Sink};
+use crate::telemetry::ErrorChain;
+
+/// How the relay run ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// Shutdown was requested and the in-flight batch was settled.
+    Clean,
+    /// The in-flight batch did not finish within `shutdown_timeout`; its unsettled rows were
+    /// released (or will be re-claimed when their lease expires) and may be published twice.
+    Abandoned,
+}
+
+/// A configured relay, ready to run.
+#[derive(Debug)]
+pub struct Relay {
+    /// The outbox statements, over a lazily connected pool.
+    store: Store,
+    /// Separate one-connection pool for LISTEN, so the claim pool never loses a connection to it.
+    listen_pool: Option<sqlx::PgPool>,
+    /// The table, for the listener to resolve its NOTIFY channel.
+    table: Table,
+    /// Where events go.
+    sink: Sink,
+    /// Wake-ups from NOTIFY (a hint; the poll interval is the fallback).
+    wakeup: Arc<Notify>,
+    batch_size: u32,
+    poll_interval: Duration,
+    lease_duration: Duration,
+    shutdown_timeout: Duration,
+    summary_interval: Duration,
+    retry: RetryConfig,
+    /// Counters since the last summary line.
+    stats: Stats,
+    /// Outage bookkeeping so an outage is logged once when it starts and once when it ends.
+    database: Outage,
+    broker: Outage,
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    published: AtomicU64,
+    failed: AtomicU64,
+    dead_lettered: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Outage {
+    what: &'static str,
+    /// Start of the current outage and how many consecutive failures it has seen.
+    state: Mutex<Option<(Instant, u32)>>,
+}
+
+impl Outage {
+    fn new(what: &'static str) -> Self {
+        Self {
+            what,
+            state: Mutex::new(None),
+        }
+    }
+
+    /// Records a failure; returns the number of consecutive failures and whether it is the first.
+    fn failed(&self) -> (u32, bool) {
+        let mut state = self.state.lock().expect("outage lock poisoned");
+        let (_, streak) = state.get_or_insert((Instant::now(), 0));
+        *streak += 1;
+        (*streak, *streak == 1)
+    }
+
+    fn recovered(&self) {
+        let ended = self.state.lock().expect("outage lock poisoned").take();
+        if let Some((since, failures)) = ended {
+            tracing::info!(
+                outage_ms = since.elapsed().as_millis() as u64,
+                failures,
+                "{} available again",
+                self.what
+            );
+        }
+    }
+}
+
+/// What the loop does after an iteration.
+#[derive(Debug)]
+enum Next {
+    /// The batch was full: claim again at once.
+    Drain,
+    /// Nothing (more) to do: wait for a wake-up or the poll interval.
+    Idle,
+    /// A dependency is failing: wait this long.
+    Pause(Duration),
+    /// Shutdown deadline passed during a batch.
+    Abandoned,
+}
+
+/// What happened to a published batch.
+#[derive(Debug, Default)]
+struct Settled {
+    /// The first transient or fatal broker error of the batch, if any.
+    broker_error: Option<(ErrorClass, String)>,
+    acked: usize,
+}
+
+impl Relay {
+    /// Builds the relay from a validated configuration. Creating the producer checks the broker
+    /// client's properties, so an error here is a configuration error. No connection is made.
+    pub fn new(config: &Config) -> Result<Self, ConfigError> {
+        let invalid = |key: &str, constraint: String| ConfigError::Invalid {
+            key: key.to_owned(),
+            constraint,
+        };
+        let pool = store::pool(&config.database)
+            .map_err(|_| invalid("database.url", "is not a valid PostgreSQL URL".to_owned()))?;
+        let listen_pool = config.relay.listen.then(|| {
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_lazy_with(store::connect_options(&config.database).expect("parsed above"))
+        });
+        let table = config.table();
+        let sink = match config.sink.kind {
+            SinkKind::Kafka => {
+                let kafka = config.sink.kafka.as_ref().expect("validated");
+                Sink::Kafka(KafkaPublisher::new(kafka).map_err(|err| {
+                    invalid(
+                        "sink.kafka.properties",
+                        format!("rejected by librdkafka: {err}"),
+                    )
+                })?)
+            }
+            SinkKind::Rabbitmq => {
+                return Err(invalid(
+                    "sink.kind",
+                    "\"rabbitmq\" is not available in this version; use \"kafka\"".to_owned(),
+                ));
+            }
+        };
+        Ok(Self {
+            store: Store::new(pool, &table),
+            listen_pool,
+            table,
+            sink,
+            wakeup: Arc::new(Notify::new()),
+            batch_size: config.relay.batch_size,
+            poll_interval: config.relay.poll_interval,
+            lease_duration: config.relay.lease_duration,
+            shutdown_timeout: config.relay.shutdown_timeout,
+            summary_interval: config.relay.summary_interval,
+            retry: RetryConfig { ..config.retry },
+            stats: Stats::default(),
+            database: Outage::new("database"),
+            broker: Outage::new("broker"),
+        })
+    }
+
+    /// The configured sink (for `check`).
+    pub(crate) fn sink(&self) -> &Sink {
+        &self.sink
+    }
+
+    /// Runs until `shutdown` is cancelled, then finishes the in-flight batch (within
+    /// `shutdown_timeout`), stops the listener and flushes the producer.
+    pub async fn run(self, shutdown: CancellationToken) -> Stopped {
+        tracing::info!(table = %self.table, sink = %self.sink, batch_size = self.batch_size, "relay started");
+        let listener_stop = shutdown.child_token();
+        let listener = self.listen_pool.clone().map(|pool| {
+            tokio::spawn(listener::run(
+                pool,
+                self.table.clone(),
+                Arc::clone(&self.wakeup),
+                listener_stop.clone(),
+            ))
+        });
+
+        let mut next = Next::Drain;
+        let mut next_summary = tokio::time::Instant::now() + self.summary_interval;
+        let stopped = loop {
+            // 1. Wait: shutdown first, then wake-ups, poll timer and the summary timer.
+            match next {
+                Next::Drain => {}
+                Next::Idle => tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => break Stopped::Clean,
+                    () = self.wakeup.notified() => {}
+                    () = tokio::time::sleep(self.poll_interval) => {}
+                    () = tokio::time::sleep_until(next_summary) => {}
+                },
+                Next::Pause(delay) => tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => break Stopped::Clean,
+                    () = tokio::time::sleep(delay) => {}
+                },
+                Next::Abandoned => break Stopped::Abandoned,
+            }
+            if shutdown.is_cancelled() {
+                break Stopped::Clean;
+            }
+            // 2. Periodic summary.
+            if tokio::time::Instant::now() >= next_summary {
+                self.summary().await;
+                next_summary = tokio::time::Instant::now() + self.summary_interval;
+            }
+            // 3. One batch.
+            next = self.cycle(&shutdown).await;
+        };
+
+        listener_stop.cancel();
+        if let Some(listener) = listener {
+            if let Err(err) = listener.await {
+                tracing::error!(error = %err, "listener task failed");
+            }
+        }
+        tracing::info!("flushing producer");
+        self.sink.flush(self.shutdown_timeout).await;
+        self.summary().await;
+        tracing::info!(clean = stopped == Stopped::Clean, "relay stopped");
+        stopped
+    }
+
+    /// Claims, publishes and settles one batch.
+    async fn cycle(&self, shutdown: &CancellationToken) -> Next {
+        let batch = match self.store.claim(self.batch_size, self.lease_duration).await {
+            Ok(batch) => {
+                self.database.recovered();
+                match batch {
+                    Some(batch) => batch,
+                    None => return Next::Idle,
+                }
+            }
+            Err(err) => return Next::Pause(self.database_failed(&err)),
+        };
+        let full = batch.rows.len() == self.batch_size as usize;
+        let started = Instant::now();
+        let deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(self.shutdown_timeout).await;
+        };
+        let settled = tokio::select! {
+            biased;
+            settled = self.publish_and_settle(&batch) => settled,
+            () = deadline => None,
+        };
+        let Some(settled) = settled else {
+            self.abandon(&batch).await;
+            return Next::Abandoned;
+        };
+        tracing::debug!(
+            rows = batch.rows.len(),
+            acked = settled.acked,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "batch settled"
+        );
+        match settled.broker_error {
+            Some((class, error)) => {
+                let (streak, first) = self.broker.failed();
+                if first {
+                    if class == ErrorClass::Fatal {
+                        tracing::error!(error = %error, "broker producer failed, pausing publishing");
+                    } else {
+                        tracing::warn!(error = %error, "broker unavailable, pausing publishing");
+                    }
+                }
+                Next::Pause(backoff::delay(
+                    streak,
+                    self.retry.initial_backoff,
+                    self.retry.max_backoff,
+                ))
+            }
+            None if full => Next::Drain,
+            None => Next::Idle,
+        }
+    }
+
+    /// Publishes the batch and records every row's outcome. `None` when recording failed for
+    /// longer than the lease allows (the rows are published again later).
+    async fn publish_and_settle(&self, batch: &Batch) -> Option<Settled> {
+        let outcomes = self.sink.publish(&batch.rows).await;
+        let mut acked = Vec::new();
+        let mut failures = Vec::new();
+        let mut released = Vec::new();
+        let mut held_back = Vec::new();
+        let mut settled = Settled::default();
+        for (row, outcome) in batch.rows.iter().zip(outcomes) {
+            let err = match outcome {
+                Ok(()) => {
+                    acked.push(row.id);
+                    continue;
+                }
+                Err(err) => err,
+            };
+            let attempt = u32::try_from(row.attempts).unwrap_or(0);
+            let class = err.class();
+            let error = ErrorChain(&err).to_string();
+            match (class, &err) {
+                (_, PublishError::HeldBack) => held_back.push(row.id),
+                (ErrorClass::Permanent, _) => {
+                    let dead = attempt >= self.retry.max_attempts;
+                    let retry_in =
+                        backoff::delay(attempt, self.retry.initial_backoff, self.retry.max_backoff);
+                    if dead {
+                        tracing::error!(event_id = %row.event_id, attempt, error = %error, "event dead-lettered");
+                    } else {
+                        tracing::warn!(
+                            event_id = %row.event_id,
+                            attempt,
+                            retry_in_ms = retry_in.as_millis() as u64,
+                            error = %error,
+                            "publish failed, will retry"
+                        );
+                    }
+                    failures.push(Failure {
+                        id: row.id,
+                        error,
+                        retry_in,
+                        dead,
+                    });
+                }
+                (ErrorClass::Transient | ErrorClass::Fatal, _) => {
+                    tracing::debug!(event_id = %row.event_id, attempt, error = %error, "publish failed transiently");
+                    settled.broker_error.get_or_insert((class, error.clone()));
+                    released.push((row.id, error));
+                }
+            }
+        }
+        if !acked.is_empty() {
+            self.broker.recovered();
+        }
+        settled.acked = acked.len();
+
+        let marked = self
+            .settle("mark", batch.lease, || {
+                self.store.mark_published(&acked, batch.lease)
+            })
+            .await?;
+        if marked < acked.len() as u64 {
+            tracing::warn!(
+                acked = acked.len(),
+                marked,
+                "lease lost: rows were taken over by another instance and will be published again"
+            );
+        }
+        self.stats.published.fetch_add(marked, Ordering::Relaxed);
+        self.settle("retry", batch.lease, || {
+            self.store.record_failures(&failures, batch.lease)
+        })
+        .await?;
+        let dead = failures.iter().filter(|f| f.dead).count() as u64;
+        self.stats.dead_lettered.fetch_add(dead, Ordering::Relaxed);
+        self.stats
+            .failed
+            .fetch_add(failures.len() as u64 - dead, Ordering::Relaxed);
+        // Transient failures keep their attempt and their error for operators to see.
+        let first_error = released.first().map(|(_, e)| e.as_str());
+        let released_ids: Vec<i64> = released.iter().map(|(id, _)| *id).collect();
+        self.settle("release", batch.lease, || {
+            self.store.release(&released_ids, batch.lease, first_error)
+        })
+        .await?;
+        self.settle("release", batch.lease, || {
+            self.store.release(&held_back, batch.lease, None)
+        })
+        .await?;
+        Some(settled)
+    }
+
+    /// Runs a settling statement, retrying database errors until the lease is about to expire.
+    async fn settle<'a, F, Fut>(&self, op: &'static str, lease: Lease, statement: F) -> Option<u64>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<u64, StoreError>> + 'a,
+    {
+        let mut attempt = 0;
+        loop {
+            match statement().await {
+                Ok(rows) => return Some(rows),
+                Err(err) => {
+                    attempt += 1;
+                    let delay =
+                        backoff::delay(attempt, Duration::from_millis(100), Duration::from_secs(5));
+                    let expires_in = (lease.until - Utc::now()).to_std().unwrap_or_default();
+                    if delay >= expires_in {
+                        tracing::error!(
+                            op,
+                            error = %ErrorChain(&err),
+                            "cannot record the batch outcome before the lease expires; its rows will be published again"
+                        );
+                        return None;
+                    }
+                    if attempt == 1 {
+                        tracing::warn!(op, error = %ErrorChain(&err), "cannot record the batch outcome, retrying");
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// Shutdown deadline passed mid-batch: give the rows back so the next owner need not wait
+    /// for the lease. Rows already marked are untouched (the statement is fenced by the lease).
+    async fn abandon(&self, batch: &Batch) {
+        let ids: Vec<i64> = batch.rows.iter().map(|r| r.id).collect();
+        let released = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.store.release(&ids, batch.lease, None),
+        )
+        .await;
+        match released {
+            Ok(Ok(rows)) => tracing::warn!(
+                released = rows,
+                "shutdown timeout reached with a batch in flight; its unacknowledged rows were released and may be published twice"
+            ),
+            Ok(Err(err)) => {
+                tracing::error!(error = %ErrorChain(&err), "shutdown timeout reached; could not release the in-flight rows, they wait for their lease to expire")
+            }
+            Err(_) => tracing::error!(
+                "shutdown timeout reached; releasing the in-flight rows timed out, they wait for their lease to expire"
+            ),
+        }
+    }
+
+    fn database_failed(&self, err: &StoreError) -> Duration {
+        let (streak, first) = self.database.failed();
+        if first {
+            match err.hint() {
+                Some(hint) => {
+                    tracing::error!(error = %ErrorChain(err), hint, "database unavailable, retrying")
+                }
+                None => tracing::warn!(error = %ErrorChain(err), "database unavailable, retrying"),
+            }
+        }
+        backoff::delay(streak, self.retry.initial_backoff, self.retry.max_backoff)
+    }
+
+    /// The periodic info line: what happened since the last one, and the backlog.
+    async fn summary(&self) {
+        let published = self.stats.published.swap(0, Ordering::Relaxed);
+        let failed = self.stats.failed.swap(0, Ordering::Relaxed);
+        let dead_lettered = self.stats.dead_lettered.swap(0, Ordering::Relaxed);
+        match self.store.pending().await {
+            Ok((pending, oldest)) => {
+                let oldest_pending_age_s = oldest.map_or(0.0, |t| {
+                    (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0
+                });
+                tracing::info!(
+                    published,
+                    failed,
+                    dead_lettered,
+                    pending,
+                    oldest_pending_age_s,
+                    "relay summary"
+                );
+            }
+            Err(_) => tracing::info!(
+                published,
+                failed,
+                dead_lettered,
+                "relay summary (backlog unknown: database unavailable)"
+            ),
+        }
+    }
+}
