@@ -449,6 +449,16 @@ impl KafkaConfig {
                 }
             }
         }
+        // librdkafka checks every property name and value when building its configuration
+        // (no client is created, nothing connects).
+        crate::publisher::kafka::client_config(self)
+            .create_native_config()
+            .map_err(|err| {
+                invalid(
+                    "sink.kafka.properties",
+                    format!("rejected by librdkafka: {err}"),
+                )
+            })?;
         let timeout = self.message_timeout();
         if timeout * 2 > lease {
             return Err(invalid(

@@ -34,7 +34,7 @@ impl fmt::Debug for KafkaPublisher {
 
 /// The relay's producer settings, applied over the user's properties. `acks` and idempotence
 /// carry the delivery guarantee; the config validation refuses any other value for them.
-fn client_config(config: &KafkaConfig) -> ClientConfig {
+pub(crate) fn client_config(config: &KafkaConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
     client
         .set("client.id", "outbox-relay")

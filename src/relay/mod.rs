@@ -219,7 +219,7 @@ impl Relay {
             }
             // 2. Periodic summary.
             if tokio::time::Instant::now() >= next_summary {
-                self.summary().await;
+                self.summary(true).await;
                 next_summary = tokio::time::Instant::now() + self.summary_interval;
             }
             // 3. One batch.
@@ -234,7 +234,7 @@ impl Relay {
         }
         tracing::info!("flushing producer");
         self.sink.flush(self.shutdown_timeout).await;
-        self.summary().await;
+        self.summary(false).await;
         tracing::info!(clean = stopped == Stopped::Clean, "relay stopped");
         stopped
     }
@@ -453,11 +453,16 @@ impl Relay {
         backoff::delay(streak, self.retry.initial_backoff, self.retry.max_backoff)
     }
 
-    /// The periodic info line: what happened since the last one, and the backlog.
-    async fn summary(&self) {
+    /// The periodic info line: what happened since the last one, and (with `backlog`) the
+    /// pending count and oldest pending age.
+    async fn summary(&self, backlog: bool) {
         let published = self.stats.published.swap(0, Ordering::Relaxed);
         let failed = self.stats.failed.swap(0, Ordering::Relaxed);
         let dead_lettered = self.stats.dead_lettered.swap(0, Ordering::Relaxed);
+        if !backlog {
+            tracing::info!(published, failed, dead_lettered, "relay summary");
+            return;
+        }
         match self.store.pending().await {
             Ok((pending, oldest)) => {
                 let oldest_pending_age_s = oldest.map_or(0.0, |t| {
@@ -476,7 +481,7 @@ impl Relay {
                 published,
                 failed,
                 dead_lettered,
-                "relay summary (backlog unknown: database unavailable)"
+                "relay summary (backlog unknown)"
             ),
         }
     }

@@ -1,0 +1,258 @@
+//! The command-line contract: exit codes, config errors that name the key, `migrate`, `check`.
+
+use std::time::Duration;
+
+use crate::support::{Outbox, RelayProcess, run_binary, unique};
+
+const VALID: &str = r#"
+[database]
+url = "postgres://postgres@127.0.0.1:5432/outbox_relay_test"
+table = "outbox"
+[relay]
+poll_interval = "1s"
+[sink]
+kind = "kafka"
+[sink.kafka]
+brokers = "127.0.0.1:9092"
+"#;
+
+fn with_config(text: &str, env: &[(&str, &str)], args: &[&str]) -> crate::support::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, text).unwrap();
+    run_binary(&path, args, env)
+}
+
+fn assert_config_error(text: &str, env: &[(&str, &str)], key: &str) {
+    for command in ["run", "check", "migrate"] {
+        let out = with_config(text, env, &[command]);
+        assert_eq!(out.code(), Some(2), "`{command}` must exit 2: {out:?}");
+        assert!(
+            out.stderr.contains(key),
+            "`{command}` error must name `{key}`: {}",
+            out.stderr
+        );
+    }
+}
+
+#[test]
+fn invalid_configs_exit_2_naming_the_key() {
+    // GIVEN configs that are each wrong in one place, WHEN any command loads them,
+    // THEN it exits 2 before connecting, naming the key.
+    assert_config_error(
+        &VALID.replace("[relay]", "[relay]\nbatchsize = 10"),
+        &[],
+        "batchsize",
+    );
+    assert_config_error(
+        &VALID.replace("poll_interval = \"1s\"", "poll_interval = \"soon\""),
+        &[],
+        "relay.poll_interval",
+    );
+    assert_config_error(
+        &VALID.replace(
+            "url = \"postgres://postgres@127.0.0.1:5432/outbox_relay_test\"\n",
+            "",
+        ),
+        &[],
+        "url",
+    );
+    assert_config_error(
+        &VALID.replace("table = \"outbox\"", "table = \"Bad-Name\""),
+        &[],
+        "database.table",
+    );
+    assert_config_error(
+        &VALID.replace("[relay]", "[relay]\nbatch_size = 0"),
+        &[],
+        "relay.batch_size",
+    );
+    assert_config_error(
+        &format!("{VALID}\n[sink.kafka.properties]\nenable.idempotence = false\n"),
+        &[],
+        "enable.idempotence",
+    );
+    assert_config_error(
+        &format!("{VALID}\n[sink.kafka.properties]\n\"no.such.property\" = \"1\"\n"),
+        &[],
+        "no.such.property",
+    );
+}
+
+#[test]
+fn environment_overrides_file_keys() {
+    // GIVEN a valid file and an environment override with a bad value,
+    // WHEN the relay loads it, THEN the override is applied (and rejected, naming the key).
+    assert_config_error(
+        VALID,
+        &[("OUTBOX_RELAY__RELAY__BATCH_SIZE", "0")],
+        "relay.batch_size",
+    );
+    assert_config_error(
+        VALID,
+        &[("OUTBOX_RELAY__DATABASE__TABLE", "no-good")],
+        "database.table",
+    );
+}
+
+#[test]
+fn missing_config_file_is_a_usage_error() {
+    let out = run_binary(
+        std::path::Path::new("/nonexistent/relay.toml"),
+        &["check"],
+        &[],
+    );
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    let no_flag = std::process::Command::new(crate::support::binary())
+        .arg("run")
+        .env_remove("OUTBOX_RELAY_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(no_flag.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&no_flag.stderr).contains("--config"));
+}
+
+#[test]
+fn secrets_in_the_url_are_never_printed() {
+    // GIVEN a database URL with a password and an unreachable host,
+    // WHEN check fails to connect, THEN the output names host and port but not the password.
+    let config = VALID.replace(
+        "postgres://postgres@127.0.0.1:5432/",
+        "postgres://postgres:S3ntinel-pw@127.0.0.1:1/",
+    );
+    let out = with_config(&config, &[], &["check"]);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("127.0.0.1:1"), "{}", out.stderr);
+    assert!(!out.stderr.contains("S3ntinel-pw") && !out.stdout.contains("S3ntinel-pw"));
+}
+
+#[tokio::test]
+async fn migrate_twice_is_a_no_op() {
+    // GIVEN a fresh table name
+    let outbox = Outbox::unmigrated().await;
+    // WHEN migrate runs twice (the second time concurrently with a third)
+    let first = outbox.migrate().success();
+    assert!(first.stdout.contains("applied migration(s) 1"), "{first:?}");
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| outbox.migrate());
+        let b = s.spawn(|| outbox.migrate());
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    // THEN the later runs change nothing and report the table up to date
+    for out in [a.success(), b.success()] {
+        assert!(out.stdout.contains("up to date"), "{out:?}");
+    }
+    let versions: i64 =
+        sqlx::query_scalar("select count(*) from outbox_relay_migrations where table_name = $1")
+            .bind(&outbox.table)
+            .fetch_one(&outbox.pool)
+            .await
+            .unwrap();
+    assert_eq!(versions, 1);
+    // AND check is happy with the result
+    let check = outbox.command(&["check"]).success();
+    assert!(
+        check.stdout.contains("all 13 required columns present"),
+        "{check:?}"
+    );
+    assert!(
+        check.stdout.contains("notify trigger: installed"),
+        "{check:?}"
+    );
+}
+
+#[tokio::test]
+async fn migrate_creates_a_schema_qualified_table() {
+    let mut outbox = Outbox::unmigrated().await;
+    let schema = unique("billing");
+    outbox.table = format!("{schema}.outbox");
+    outbox.migrate().success();
+    let check = outbox.command(&["check"]).success();
+    assert!(
+        check.stdout.contains(&format!("table {schema}.outbox")),
+        "{check:?}"
+    );
+}
+
+#[tokio::test]
+async fn check_detects_a_missing_column() {
+    // GIVEN a table the application created without `last_error`
+    let outbox = Outbox::unmigrated().await;
+    outbox
+        .exec(
+            "create table {table} (
+                id bigint generated always as identity primary key,
+                event_id uuid not null default gen_random_uuid(),
+                aggregate_type text not null, aggregate_id text not null, event_type text not null,
+                payload jsonb not null, headers jsonb not null default '{}',
+                created_at timestamptz not null default now(), published_at timestamptz,
+                attempts integer not null default 0, next_attempt_at timestamptz,
+                dead_lettered_at timestamptz, tenant text)",
+        )
+        .await;
+    // WHEN check runs, THEN it fails and names the column
+    let out = outbox.command(&["check"]);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(
+        out.stdout.contains("missing columns: last_error"),
+        "{out:?}"
+    );
+    assert!(out.stdout.contains("extra columns: tenant"), "{out:?}");
+}
+
+#[tokio::test]
+async fn check_reports_a_missing_table_with_the_migrate_hint() {
+    let outbox = Outbox::unmigrated().await;
+    let out = outbox.command(&["check"]);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("outbox-relay migrate"), "{out:?}");
+}
+
+#[tokio::test]
+async fn relay_outlives_a_missing_table_and_starts_publishing_once_it_exists() {
+    // GIVEN a relay started before its table exists
+    let outbox = Outbox::unmigrated().await;
+    let mut relay = outbox.start();
+    relay
+        .wait_for_log("outbox-relay migrate", Duration::from_secs(20))
+        .await;
+    // WHEN the table is migrated and an event written
+    outbox.migrate().success();
+    outbox.insert("order", "1", 0..3).await;
+    // THEN the relay, still running, publishes it
+    outbox.wait_all_published(Duration::from_secs(30)).await;
+    relay.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(relay.wait_exit(Duration::from_secs(15)).await.success());
+    let logs = relay.logs();
+    assert_eq!(
+        logs.matches("outbox-relay migrate").count(),
+        1,
+        "the outage is logged once: {logs}"
+    );
+    assert!(logs.contains("database available again"), "{logs}");
+}
+
+#[tokio::test]
+async fn relay_keeps_retrying_an_unreachable_database() {
+    // GIVEN a relay whose database is unreachable
+    let outbox = Outbox::unmigrated().await;
+    let config = std::fs::read_to_string(outbox.config_file())
+        .unwrap()
+        .replace("127.0.0.1:5432", "127.0.0.1:1");
+    let path = outbox.dir.path().join("down.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut relay = RelayProcess::start(path, outbox.dir.path().join("down.log"));
+    // WHEN it has failed to reach the database
+    relay
+        .wait_for_log("database unavailable", Duration::from_secs(20))
+        .await;
+    // THEN it is still running, SIGTERM stops it cleanly, and the outage was logged once
+    relay.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(relay.wait_exit(Duration::from_secs(15)).await.success());
+    let logs = relay.logs();
+    assert_eq!(
+        logs.matches("database unavailable, retrying").count(),
+        1,
+        "{logs}"
+    );
+}
