@@ -274,11 +274,11 @@ async fn sigterm_settles_the_in_flight_batch_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rejected_rows_are_retried_with_backoff_then_dead_lettered_while_others_flow() {
-    // GIVEN a producer limit of 20 000 bytes per message, 4 attempts, and in the outbox:
+    // GIVEN a producer limit of 20 000 bytes per message, 5 attempts, and in the outbox:
     // an oversized event and a successor of the same aggregate, an event whose topic is
     // invalid, and ordinary events of other aggregates
     let mut outbox = Outbox::new().await;
-    outbox.retry.insert("max_attempts", "4".to_owned());
+    outbox.retry.insert("max_attempts", "5".to_owned());
     outbox
         .retry
         .insert("initial_backoff", "\"400ms\"".to_owned());
@@ -334,14 +334,14 @@ async fn rejected_rows_are_retried_with_backoff_then_dead_lettered_while_others_
     };
 
     // AND the oversized row is retried with growing delays, then dead-lettered with its reason
-    let mut schedule = Vec::new();
+    // Last observed `next_attempt_at` per attempt count: after the claim it holds the lease,
+    // after the failure the retry time, which is what stays until the next claim.
+    let mut schedule = BTreeMap::new();
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let (attempts, next_at, _, dead, _) = state("big", 0).await;
         if let Some(next_at) = next_at {
-            if schedule.last().map(|(a, _)| *a) != Some(attempts) {
-                schedule.push((attempts, next_at));
-            }
+            schedule.insert(attempts, next_at);
         }
         // the successor must not overtake while its predecessor waits
         let (_, _, _, _, successor_published) = state("big", 1).await;
@@ -360,19 +360,13 @@ async fn rejected_rows_are_retried_with_backoff_then_dead_lettered_while_others_
     }
     let (attempts, _, last_error, dead, published) = state("big", 0).await;
     assert!(dead && !published);
-    assert_eq!(attempts, 4);
+    assert_eq!(attempts, 5);
     let last_error = last_error.unwrap();
     assert!(last_error.contains("size"), "{last_error}");
-    // The scheduled retry times grow further apart (1st gap vs last observed gap).
-    let retry_times: Vec<_> = schedule
-        .iter()
-        .filter(|(a, _)| *a >= 1 && *a <= 3)
-        .map(|(_, at)| *at)
-        .collect();
-    assert!(retry_times.len() >= 3, "observed {schedule:?}");
-    let first_gap = retry_times[1] - retry_times[0];
-    let last_gap = retry_times[retry_times.len() - 1] - retry_times[retry_times.len() - 2];
-    assert!(last_gap > first_gap, "backoff grows: {schedule:?}");
+    // The retry times grow further apart: the gap before the 4th retry is at least twice the
+    // base delay of the 2nd (equal jitter: delay n lies in [base n / 2, base n]).
+    let gap = |n: i32| schedule[&n] - schedule[&(n - 1)];
+    assert!(gap(4) > gap(2), "backoff grows: {schedule:?}");
 
     // AND the invalid-topic row is dead-lettered too, naming the constraint
     wait_until(WAIT, "invalid-topic row dead-lettered", || async {

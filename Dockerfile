@@ -1,0 +1,30 @@
+# syntax=docker/dockerfile:1
+# Multi-stage build: compile with the Rust toolchain (librdkafka is built from the bundled
+# sources by rdkafka-sys), then copy the binary into a small non-root runtime image.
+
+FROM rust:1.95-bookworm AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential cmake perl python3 zlib1g-dev \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY migrations ./migrations
+COPY config ./config
+COPY tests ./tests
+RUN cargo build --release --locked --bin outbox-relay
+
+FROM debian:bookworm-slim AS runtime
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates zlib1g \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin relay
+COPY --from=build /src/target/release/outbox-relay /usr/local/bin/outbox-relay
+COPY config/outbox-relay.toml /etc/outbox-relay/outbox-relay.toml
+USER 10001:10001
+ENV OUTBOX_RELAY_CONFIG=/etc/outbox-relay/outbox-relay.toml
+# `check` connects to the database and the broker and verifies the table.
+HEALTHCHECK --interval=30s --timeout=15s --start-period=20s --retries=3 \
+  CMD ["outbox-relay", "check"]
+ENTRYPOINT ["outbox-relay"]
+CMD ["run"]
