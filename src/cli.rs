@@ -224,6 +224,13 @@ async fn check(config: &Config) -> u8 {
                 healthy = false;
             }
         },
+        Sink::RabbitMq(rabbit) => match rabbit.probe(CONNECT_TIMEOUT).await {
+            Ok(()) => println!("rabbitmq: reachable, confirm channel open"),
+            Err(err) => {
+                eprintln!("error: rabbitmq not reachable: {}", ErrorChain(&err));
+                healthy = false;
+            }
+        },
     }
     if healthy { 0 } else { EXIT_RUNTIME }
 }

@@ -15,11 +15,14 @@ pub fn init(config: &LogConfig) {
         .or_else(|_| {
             // sqlx reports server notices ("already exists, skipping") at info: keep them quiet
             // unless the user asks for sqlx explicitly.
-            let level = if config.level.contains("sqlx") {
-                config.level.clone()
-            } else {
-                format!("{},sqlx=warn", config.level)
-            };
+            // lapin logs channel closes itself at error; the relay logs them once, with context.
+            let mut level = config.level.clone();
+            if !level.contains("sqlx") {
+                level.push_str(",sqlx=warn");
+            }
+            if !level.contains("lapin") {
+                level.push_str(",lapin=off");
+            }
             EnvFilter::try_new(level)
         })
         .unwrap_or_else(|_| EnvFilter::new("info"));

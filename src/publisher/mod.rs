@@ -4,6 +4,7 @@
 //! and each sink implements it.
 
 pub(crate) mod kafka;
+pub(crate) mod rabbitmq;
 pub(crate) mod template;
 
 use std::collections::BTreeMap;
@@ -53,16 +54,56 @@ pub(crate) enum PublishError {
     /// The producer went away before reporting (only during shutdown).
     #[error("producer closed before the delivery report")]
     ProducerClosed,
+    /// An AMQP connection or channel error.
+    #[error("amqp error")]
+    Amqp {
+        class: ErrorClass,
+        #[source]
+        source: lapin::Error,
+    },
+    /// The broker returned the mandatory message: no queue is bound for its routing key.
+    #[error("unroutable: the broker returned the message ({reply_code} {reply_text})")]
+    Unroutable { reply_code: u16, reply_text: String },
+    /// The broker negatively acknowledged the message (e.g. a full queue with reject-publish).
+    #[error("the broker nacked the message")]
+    Nacked,
+    /// No confirm within `confirm_timeout` (broker blocked by a resource alarm, or stalled).
+    #[error("no publisher confirm within the confirm timeout")]
+    ConfirmTimeout,
+    /// The message is larger than the broker accepts.
+    #[error("message of {size} bytes exceeds the broker's max_message_size of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    /// The exchange does not exist (and is not declared by the relay).
+    #[error("exchange {exchange:?} does not exist")]
+    ExchangeNotFound { exchange: String },
+    /// Not sent, or sent but unconfirmed, because the channel failed on another message of the
+    /// batch; sent again on a fresh channel.
+    #[error("not confirmed: the channel closed because of another message")]
+    NotSent,
 }
 
 impl PublishError {
     /// The classification the relay acts on.
     pub(crate) fn class(&self) -> ErrorClass {
         match self {
-            Self::InvalidDestination { .. } | Self::InvalidHeaders => ErrorClass::Permanent,
-            Self::HeldBack | Self::ProducerClosed => ErrorClass::Transient,
-            Self::Kafka { class, .. } => *class,
+            Self::InvalidDestination { .. }
+            | Self::InvalidHeaders
+            | Self::Unroutable { .. }
+            | Self::TooLarge { .. }
+            | Self::ExchangeNotFound { .. } => ErrorClass::Permanent,
+            Self::HeldBack
+            | Self::NotSent
+            | Self::ProducerClosed
+            | Self::Nacked
+            | Self::ConfirmTimeout => ErrorClass::Transient,
+            Self::Kafka { class, .. } | Self::Amqp { class, .. } => *class,
         }
+    }
+
+    /// The row did not fail itself: it was held back or caught up in another row's failure.
+    /// It is given back without an attempt and without pausing the relay.
+    pub(crate) fn is_collateral(&self) -> bool {
+        matches!(self, Self::HeldBack | Self::NotSent)
     }
 }
 
@@ -104,18 +145,22 @@ pub(crate) trait Publisher {
 #[derive(Debug)]
 pub(crate) enum Sink {
     Kafka(kafka::KafkaPublisher),
+    // Boxed: the AMQP session state is large and the enum lives for the whole run.
+    RabbitMq(Box<rabbitmq::RabbitMqPublisher>),
 }
 
 impl Publisher for Sink {
     async fn publish(&self, rows: &[OutboxRow]) -> Outcomes {
         match self {
             Self::Kafka(kafka) => kafka.publish(rows).await,
+            Self::RabbitMq(rabbit) => rabbit.publish(rows).await,
         }
     }
 
     async fn flush(&self, timeout: Duration) {
         match self {
             Self::Kafka(kafka) => kafka.flush(timeout).await,
+            Self::RabbitMq(rabbit) => rabbit.flush(timeout).await,
         }
     }
 }
@@ -124,6 +169,7 @@ impl fmt::Display for Sink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Kafka(_) => f.write_str("kafka"),
+            Self::RabbitMq(_) => f.write_str("rabbitmq"),
         }
     }
 }

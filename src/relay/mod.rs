@@ -20,7 +20,8 @@ use crate::config::{Config, ConfigError, RetryConfig, SinkKind};
 use crate::outbox::store::{self, Failure, Store, StoreError};
 use crate::outbox::{Batch, Lease, Table, listener};
 use crate::publisher::kafka::KafkaPublisher;
-use crate::publisher::{ErrorClass, PublishError, Publisher, Sink};
+use crate::publisher::rabbitmq::RabbitMqPublisher;
+use crate::publisher::{ErrorClass, Publisher, Sink};
 use crate::telemetry::ErrorChain;
 
 /// How the relay run ended.
@@ -151,10 +152,11 @@ impl Relay {
                 })?)
             }
             SinkKind::Rabbitmq => {
-                return Err(invalid(
-                    "sink.kind",
-                    "\"rabbitmq\" is not available in this version; use \"kafka\"".to_owned(),
-                ));
+                let rabbit = config.sink.rabbitmq.as_ref().expect("validated");
+                Sink::RabbitMq(Box::new(RabbitMqPublisher::new(
+                    rabbit,
+                    format!("outbox-relay {table}"),
+                )))
             }
         };
         Ok(Self {
@@ -314,7 +316,7 @@ impl Relay {
             let class = err.class();
             let error = ErrorChain(&err).to_string();
             match (class, &err) {
-                (_, PublishError::HeldBack) => held_back.push(row.id),
+                (_, err) if err.is_collateral() => held_back.push(row.id),
                 (ErrorClass::Permanent, _) => {
                     let dead = attempt >= self.retry.max_attempts;
                     let retry_in =

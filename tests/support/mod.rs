@@ -7,17 +7,15 @@
 
 #![allow(dead_code)]
 
+pub mod kafka;
+pub mod rabbit;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use tokio::sync::OnceCell;
 
@@ -30,6 +28,11 @@ pub fn server_url() -> String {
 
 pub fn database_url() -> String {
     format!("{}/{TEST_DATABASE}", server_url())
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
 pub fn kafka_brokers() -> String {
@@ -99,8 +102,16 @@ where
     }
 }
 
+/// The sink a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Broker {
+    Kafka,
+    RabbitMq,
+}
+
 /// One test's outbox table and the configuration of the relay that serves it.
 pub struct Outbox {
+    pub broker: Broker,
     pub pool: PgPool,
     pub table: String,
     /// Topic prefix; the relay publishes to `{prefix}.{aggregate_type}`.
@@ -110,15 +121,73 @@ pub struct Outbox {
     pub retry: BTreeMap<&'static str, String>,
     pub kafka: BTreeMap<&'static str, String>,
     pub kafka_properties: BTreeMap<&'static str, String>,
+    pub rabbitmq: BTreeMap<&'static str, String>,
     pub dir: tempfile::TempDir,
+    /// Held for the test's duration: shared for ordinary RabbitMQ tests, exclusive for tests
+    /// that restart or reconfigure the broker.
+    _rabbit_guard: Option<rabbit::Guard>,
 }
 
 impl Outbox {
-    /// A fresh outbox table, created by `outbox-relay migrate`.
+    /// A fresh outbox table, created by `outbox-relay migrate`, publishing to Kafka.
     pub async fn new() -> Self {
-        let outbox = Self::unmigrated().await;
+        Self::for_broker(Broker::Kafka).await
+    }
+
+    /// A fresh, migrated outbox table publishing to `broker`.
+    pub async fn for_broker(broker: Broker) -> Self {
+        let mut outbox = Self::unmigrated().await;
+        outbox.set_broker(broker).await;
         outbox.migrate().success();
         outbox
+    }
+
+    /// Switches the sink; RabbitMQ tests share the broker unless `exclusive_rabbitmq` is called.
+    pub async fn set_broker(&mut self, broker: Broker) {
+        self.broker = broker;
+        if broker == Broker::RabbitMq && self._rabbit_guard.is_none() {
+            self._rabbit_guard = Some(rabbit::Guard::shared().await);
+        }
+    }
+
+    /// For tests that restart or reconfigure RabbitMQ: waits until no other RabbitMQ test runs.
+    pub async fn exclusive_rabbitmq(&mut self) {
+        self.broker = Broker::RabbitMq;
+        self._rabbit_guard = None;
+        self._rabbit_guard = Some(rabbit::Guard::exclusive().await);
+    }
+
+    /// The AMQP exchange this test's events go to.
+    pub fn exchange(&self) -> String {
+        self.topic_prefix.clone()
+    }
+
+    /// Points the relay at a port where no broker listens.
+    pub fn unreachable_broker(&mut self) {
+        match self.broker {
+            Broker::Kafka => {
+                self.kafka.insert("brokers", "\"127.0.0.1:1\"".to_owned());
+            }
+            Broker::RabbitMq => {
+                self.rabbitmq
+                    .insert("url", "\"amqp://guest:guest@127.0.0.1:1/%2f\"".to_owned());
+            }
+        }
+    }
+
+    /// Subscribes to what the relay publishes for `aggregate_type`: a Kafka topic with
+    /// `partitions` partitions, or a durable queue bound to the test's exchange.
+    pub async fn reader(&self, aggregate_type: &str, partitions: i32) -> Reader {
+        match self.broker {
+            Broker::Kafka => Reader::Kafka(
+                kafka::TopicReader::create(&self.topic(aggregate_type), partitions).await,
+            ),
+            Broker::RabbitMq => {
+                let queue =
+                    rabbit::bind_queue(&self.exchange(), &format!("{aggregate_type}.#")).await;
+                Reader::RabbitMq(Box::new(rabbit::QueueReader::new(&queue).await))
+            }
+        }
     }
 
     /// A fresh table name with no table behind it yet.
@@ -133,7 +202,12 @@ impl Outbox {
         retry.insert("max_backoff", "\"1s\"".to_owned());
         let mut kafka_properties = BTreeMap::new();
         kafka_properties.insert("message.timeout.ms", "\"5000\"".to_owned());
+        let mut rabbitmq = BTreeMap::new();
+        rabbitmq.insert("confirm_timeout", "\"5s\"".to_owned());
         Self {
+            broker: Broker::Kafka,
+            rabbitmq,
+            _rabbit_guard: None,
             pool: pool().await,
             topic_prefix: table.replace('_', "-"),
             table,
@@ -166,6 +240,17 @@ impl Outbox {
         kafka
             .entry("topic")
             .or_insert_with(|| format!("\"{}.{{aggregate_type}}\"", self.topic_prefix));
+        let mut rabbitmq = self.rabbitmq.clone();
+        rabbitmq
+            .entry("url")
+            .or_insert_with(|| format!("\"{}\"", amqp_url()));
+        rabbitmq
+            .entry("exchange")
+            .or_insert_with(|| format!("\"{}\"", self.exchange()));
+        let kind = match self.broker {
+            Broker::Kafka => "kafka",
+            Broker::RabbitMq => "rabbitmq",
+        };
         let text = [
             format!(
                 "[database]\nurl = \"{}\"\ntable = \"{}\"\n",
@@ -174,9 +259,10 @@ impl Outbox {
             ),
             section("relay", &self.relay),
             section("retry", &self.retry),
-            "[sink]\nkind = \"kafka\"\n".to_owned(),
+            format!("[sink]\nkind = \"{kind}\"\n"),
             section("sink.kafka", &kafka),
             section("sink.kafka.properties", &self.kafka_properties),
+            section("sink.rabbitmq", &rabbitmq),
             "[log]\nformat = \"text\"\nlevel = \"info,outbox_relay=debug\"\n".to_owned(),
         ]
         .join("\n");
@@ -364,7 +450,7 @@ impl Drop for RelayProcess {
     }
 }
 
-/// One consumed Kafka message.
+/// One consumed message, from either broker.
 #[derive(Debug, Clone)]
 pub struct Received {
     pub topic: String,
@@ -372,6 +458,9 @@ pub struct Received {
     pub key: String,
     pub payload: serde_json::Value,
     pub headers: BTreeMap<String, String>,
+    /// AMQP message properties (`message_id`, `type`, `content_type`, `delivery_mode`,
+    /// `timestamp`); empty for Kafka.
+    pub properties: BTreeMap<&'static str, String>,
 }
 
 impl Received {
@@ -384,110 +473,36 @@ impl Received {
     }
 }
 
-/// Creates `topic` with `partitions` partitions (before the relay would auto-create it).
-pub async fn create_topic(topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .create()
-        .expect("admin client");
-    let results = admin
-        .create_topics(
-            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .expect("create topic");
-    for result in results {
-        result.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
-    }
+/// What a test reads the relay's output with.
+pub enum Reader {
+    Kafka(kafka::TopicReader),
+    RabbitMq(Box<rabbit::QueueReader>),
 }
 
-/// Reads every partition of a topic from the beginning.
-pub struct TopicReader {
-    consumer: BaseConsumer,
-    pub received: Vec<Received>,
-}
-
-impl TopicReader {
-    /// Creates the topic with `partitions` partitions and subscribes to all of them.
-    pub async fn create(topic: &str, partitions: i32) -> Self {
-        create_topic(topic, partitions).await;
-        let topic = topic.to_owned();
-        tokio::task::spawn_blocking(move || Self::new(&topic))
-            .await
-            .expect("reader")
-    }
-
-    fn new(topic: &str) -> Self {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", kafka_brokers())
-            .set("group.id", unique("test"))
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .expect("consumer");
-        let metadata = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .expect("topic metadata");
-        let partitions = metadata.topics()[0].partitions().len() as i32;
-        assert!(partitions > 0, "topic {topic} has no partitions");
-        let mut assignment = TopicPartitionList::new();
-        for p in 0..partitions {
-            assignment
-                .add_partition_offset(topic, p, Offset::Beginning)
-                .expect("assign");
-        }
-        consumer.assign(&assignment).expect("assign");
-        Self {
-            consumer,
-            received: Vec::new(),
+impl Reader {
+    /// Everything received so far.
+    pub fn received(&self) -> &[Received] {
+        match self {
+            Self::Kafka(r) => &r.received,
+            Self::RabbitMq(r) => &r.received,
         }
     }
 
-    /// Polls until at least `count` messages were received in total, or panics after `timeout`.
-    pub fn read_at_least(&mut self, count: usize, timeout: Duration) -> &[Received] {
-        let deadline = Instant::now() + timeout;
-        while self.received.len() < count && Instant::now() < deadline {
-            self.poll_once(Duration::from_millis(100));
-        }
-        assert!(
-            self.received.len() >= count,
-            "received {} of {count} messages within {timeout:?}",
-            self.received.len()
-        );
-        &self.received
-    }
-
-    /// Keeps polling for `period` (to show that nothing more arrives).
-    pub fn read_for(&mut self, period: Duration) -> &[Received] {
-        let deadline = Instant::now() + period;
-        while Instant::now() < deadline {
-            self.poll_once(Duration::from_millis(100));
-        }
-        &self.received
-    }
-
-    fn poll_once(&mut self, timeout: Duration) {
-        let Some(message) = self.consumer.poll(timeout) else {
-            return;
-        };
-        let message = message.expect("consume");
-        let mut headers = BTreeMap::new();
-        if let Some(h) = message.headers() {
-            for header in h.iter() {
-                headers.insert(
-                    header.key.to_owned(),
-                    String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
-                );
+    /// Reads until at least `count` messages arrived in total; panics after `timeout`.
+    pub async fn read_at_least(&mut self, count: usize, timeout: Duration) -> Vec<Received> {
+        match self {
+            Self::Kafka(r) => {
+                tokio::task::block_in_place(|| r.read_at_least(count, timeout).to_vec())
             }
+            Self::RabbitMq(r) => r.read_at_least(count, timeout).await.to_vec(),
         }
-        self.received.push(Received {
-            topic: message.topic().to_owned(),
-            partition: message.partition(),
-            key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
-            payload: serde_json::from_slice(message.payload().unwrap_or_default())
-                .expect("JSON payload"),
-            headers,
-        });
+    }
+
+    /// Keeps reading for `period` (to show nothing more arrives); returns everything received.
+    pub async fn read_for(&mut self, period: Duration) -> Vec<Received> {
+        match self {
+            Self::Kafka(r) => tokio::task::block_in_place(|| r.read_for(period).to_vec()),
+            Self::RabbitMq(r) => r.read_for(period).await.to_vec(),
+        }
     }
 }

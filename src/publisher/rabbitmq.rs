@@ -1,0 +1,508 @@
+//! The RabbitMQ sink: persistent, mandatory messages on a confirm-select channel.
+//!
+//! A batch is published on one channel (so an aggregate's messages go out in order) and its
+//! publisher confirms are awaited together. A message counts as published only on a positive
+//! confirm that was not preceded by a `basic.return` (unroutable). When the broker closes the
+//! channel (oversized message, missing exchange) or the connection drops, every message not yet
+//! confirmed is treated as not published; the session is rebuilt on the next batch. The row that
+//! caused a channel close is identified from the broker's reason and fails alone; its neighbours
+//! are sent again on a fresh channel without losing an attempt.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Confirmation, PublisherConfirm};
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::Mutex;
+use tokio::time::{Instant, timeout_at};
+
+use super::template::Template;
+use super::{ErrorClass, Outcomes, PublishError, Publisher, headers};
+use crate::config::RabbitMqConfig;
+use crate::outbox::OutboxRow;
+
+/// Publishes rows as AMQP messages to a (templated) exchange with a (templated) routing key.
+pub(crate) struct RabbitMqPublisher {
+    /// Broker URL; contains the password, so it is never formatted.
+    url: SecretString,
+    exchange: Template,
+    routing_key: Template,
+    declare_exchange: bool,
+    confirm_timeout: Duration,
+    /// Client-provided connection name, shown by `rabbitmqctl list_connections` and the
+    /// management UI, so operators can tell which relay a connection belongs to.
+    connection_name: String,
+    /// The live connection and its confirm-mode channel, rebuilt after any channel or
+    /// connection error. Held for a whole batch: the relay publishes one batch at a time.
+    session: Mutex<Option<Session>>,
+    /// The broker's `max_message_size` once it told us (a channel closed for size): later
+    /// rows above it fail before being sent, without costing their neighbours a channel.
+    max_message_size: AtomicUsize,
+}
+
+struct Session {
+    connection: Connection,
+    channel: Channel,
+    /// Exchanges declared on this connection.
+    declared: HashSet<String>,
+}
+
+impl fmt::Debug for RabbitMqPublisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitMqPublisher")
+            .field("exchange", &self.exchange)
+            .field("routing_key", &self.routing_key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the channel of a batch died, and which rows are to blame.
+enum Blame {
+    /// PRECONDITION_FAILED for a message over the broker's limit: rows above the limit.
+    MessageSize(usize),
+    /// NOT_FOUND for an exchange: rows published to it.
+    Exchange(String),
+    /// Another channel-level error caused by a message: the first sent, unconfirmed row (the
+    /// broker handles a channel's messages in order). Ensures such a row is retried and
+    /// dead-lettered instead of stalling the relay.
+    FirstSent,
+    /// Not attributable to a row (connection lost, broker restart, timeout).
+    Nobody,
+}
+
+impl RabbitMqPublisher {
+    pub(crate) fn new(config: &RabbitMqConfig, connection_name: String) -> Self {
+        Self {
+            connection_name,
+            url: config.url.clone(),
+            exchange: Template::parse(&config.exchange).expect("validated in Config::validate"),
+            routing_key: Template::parse(&config.routing_key)
+                .expect("validated in Config::validate"),
+            declare_exchange: config.declare_exchange,
+            confirm_timeout: config.confirm_timeout,
+            session: Mutex::new(None),
+            max_message_size: AtomicUsize::new(usize::MAX),
+        }
+    }
+
+    /// Opens a connection and a confirm channel: proves the broker is reachable (for `check`).
+    pub(crate) async fn probe(&self, timeout: Duration) -> Result<(), PublishError> {
+        let mut session = self.session.lock().await;
+        tokio::time::timeout(timeout, self.ensure_session(&mut session))
+            .await
+            .map_err(|_| PublishError::ConfirmTimeout)?
+            .map(|_| ())
+    }
+
+    async fn ensure_session<'s>(
+        &self,
+        slot: &'s mut Option<Session>,
+    ) -> Result<&'s mut Session, PublishError> {
+        let alive = slot
+            .as_ref()
+            .is_some_and(|s| s.connection.status().connected() && s.channel.status().connected());
+        if !alive {
+            if let Some(old) = slot.take() {
+                close(old).await;
+            }
+            let properties = ConnectionProperties::default()
+                .with_connection_name(self.connection_name.as_str().into());
+            let connection = Connection::connect(self.url.expose_secret(), properties)
+                .await
+                .map_err(amqp_error)?;
+            let channel = connection.create_channel().await.map_err(amqp_error)?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(amqp_error)?;
+            *slot = Some(Session {
+                connection,
+                channel,
+                declared: HashSet::new(),
+            });
+        }
+        Ok(slot.as_mut().expect("set above"))
+    }
+}
+
+fn amqp_error(source: lapin::Error) -> PublishError {
+    PublishError::Amqp {
+        class: classify(&source),
+        source,
+    }
+}
+
+async fn close(session: Session) {
+    let closing = session
+        .connection
+        .close(200, "outbox-relay resets its session".into());
+    let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
+}
+
+/// The one place AMQP errors are classified. Channel-level errors caused by a message are
+/// attributed to rows separately ([`blame`]); everything else is an outage.
+fn classify(err: &lapin::Error) -> ErrorClass {
+    match err.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => ErrorClass::Permanent,
+            _ => ErrorClass::Transient,
+        },
+        _ => ErrorClass::Transient,
+    }
+}
+
+/// Reads the broker's reason for closing the channel.
+fn blame(err: &lapin::Error) -> Blame {
+    let lapin::ErrorKind::ProtocolError(amqp) = err.kind() else {
+        return Blame::Nobody;
+    };
+    let text = amqp.get_message().as_str();
+    match amqp.kind() {
+        // "PRECONDITION_FAILED - message size 2097152 is larger than configured max size 1048576"
+        AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) if text.contains("max size") => text
+            .rsplit(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .map_or(Blame::Nobody, Blame::MessageSize),
+        // "NOT_FOUND - no exchange 'orders' in vhost '/'"
+        AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) if text.contains("no exchange") => text
+            .split('\'')
+            .nth(1)
+            .map_or(Blame::FirstSent, |name| Blame::Exchange(name.to_owned())),
+        AMQPErrorKind::Soft(_) => Blame::FirstSent,
+        AMQPErrorKind::Hard(_) => Blame::Nobody,
+    }
+}
+
+/// Exchange names: up to 255 bytes of letters, digits, `-`, `_`, `.`, `:`.
+fn validate_exchange(name: &str) -> Result<(), PublishError> {
+    let valid = (1..=255).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    if valid {
+        Ok(())
+    } else {
+        Err(PublishError::InvalidDestination {
+            destination: name.to_owned(),
+            constraint: "an exchange name is 1 to 255 characters of [A-Za-z0-9-_.:]",
+        })
+    }
+}
+
+/// Routing keys: up to 255 bytes, no control characters.
+fn validate_routing_key(key: &str) -> Result<(), PublishError> {
+    if key.len() <= 255 && !key.chars().any(char::is_control) {
+        Ok(())
+    } else {
+        Err(PublishError::InvalidDestination {
+            destination: key.to_owned(),
+            constraint: "a routing key is at most 255 bytes without control characters",
+        })
+    }
+}
+
+fn properties(row: &OutboxRow) -> Result<BasicProperties, PublishError> {
+    let mut table = FieldTable::default();
+    for (name, value) in headers(row)? {
+        table.insert(ShortString::from(name), AMQPValue::LongString(value.into()));
+    }
+    Ok(BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(row.event_id.to_string().into())
+        .with_type(row.event_type.as_str().into())
+        .with_timestamp(u64::try_from(row.created_at.timestamp()).unwrap_or(0))
+        .with_headers(table))
+}
+
+/// What ended a batch's channel early.
+enum Failure {
+    /// The broker closed the channel or connection, or the connection failed.
+    Amqp(lapin::Error),
+    /// No progress within `confirm_timeout` (resource alarm, stalled broker).
+    Timeout,
+    /// Another row's failure (already reported on that row).
+    Collateral,
+}
+
+impl Failure {
+    /// The error for each row caught in the failure (unless it is blamed on a row).
+    fn to_error(&self) -> PublishError {
+        match self {
+            Self::Amqp(source) => amqp_error(source.clone()),
+            Self::Timeout => PublishError::ConfirmTimeout,
+            Self::Collateral => PublishError::NotSent,
+        }
+    }
+}
+
+/// Where a row stands while its batch is in flight.
+enum Pending {
+    /// Published; waiting for its confirm.
+    Sent {
+        exchange: String,
+        confirm: PublisherConfirm,
+    },
+    /// Settled (confirmed, or failed on its own).
+    Done(Result<(), PublishError>),
+    /// Caught in a channel failure: decided once the cause is known.
+    Unconfirmed { exchange: Option<String> },
+}
+
+impl Publisher for RabbitMqPublisher {
+    async fn publish(&self, rows: &[OutboxRow]) -> Outcomes {
+        let mut slot = self.session.lock().await;
+        let session = match self.ensure_session(&mut slot).await {
+            Ok(session) => session,
+            // No session: nothing was sent; every row waits for the broker to come back.
+            Err(err) => {
+                let cause = match err {
+                    PublishError::Amqp { source, .. } => Failure::Amqp(source),
+                    _ => Failure::Timeout,
+                };
+                return rows.iter().map(|_| Err(cause.to_error())).collect();
+            }
+        };
+        let deadline = Instant::now() + self.confirm_timeout;
+        let max_size = self.max_message_size.load(Ordering::Relaxed);
+        let mut pending: Vec<Pending> = Vec::with_capacity(rows.len());
+        let mut stopped: HashSet<&str> = HashSet::new();
+        let mut failure: Option<Failure> = None;
+
+        for row in rows {
+            if failure.is_some() {
+                pending.push(Pending::Unconfirmed { exchange: None });
+                continue;
+            }
+            if stopped.contains(row.aggregate_id.as_str()) {
+                pending.push(Pending::Done(Err(PublishError::HeldBack)));
+                continue;
+            }
+            let exchange = self.exchange.render(row);
+            let routing_key = self.routing_key.render(row);
+            let prepared = validate_exchange(&exchange)
+                .and_then(|()| validate_routing_key(&routing_key))
+                .and_then(|()| {
+                    if row.payload.len() > max_size {
+                        Err(PublishError::TooLarge {
+                            size: row.payload.len(),
+                            limit: max_size,
+                        })
+                    } else {
+                        properties(row)
+                    }
+                });
+            let properties = match prepared {
+                Ok(properties) => properties,
+                Err(err) => {
+                    stopped.insert(&row.aggregate_id);
+                    pending.push(Pending::Done(Err(err)));
+                    continue;
+                }
+            };
+            if self.declare_exchange && !session.declared.contains(&exchange) {
+                let options = ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                };
+                let declared = timeout_at(
+                    deadline,
+                    session.channel.exchange_declare(
+                        exchange.as_str().into(),
+                        ExchangeKind::Topic,
+                        options,
+                        FieldTable::default(),
+                    ),
+                )
+                .await;
+                match declared {
+                    Ok(Ok(())) => {
+                        session.declared.insert(exchange.clone());
+                    }
+                    Ok(Err(err)) => {
+                        // e.g. the exchange exists with another type: this row's fault, and the
+                        // channel is gone for the rest of the batch.
+                        let class = match err.kind() {
+                            lapin::ErrorKind::ProtocolError(_) => ErrorClass::Permanent,
+                            _ => ErrorClass::Transient,
+                        };
+                        pending.push(Pending::Done(Err(PublishError::Amqp {
+                            class,
+                            source: err,
+                        })));
+                        // The rest of the batch goes out again on a fresh channel.
+                        failure = Some(Failure::Collateral);
+                        continue;
+                    }
+                    Err(_) => {
+                        pending.push(Pending::Unconfirmed { exchange: None });
+                        failure = Some(Failure::Timeout);
+                        continue;
+                    }
+                }
+            }
+            let options = BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            };
+            let sent = timeout_at(
+                deadline,
+                session.channel.basic_publish(
+                    exchange.as_str().into(),
+                    routing_key.as_str().into(),
+                    options,
+                    row.payload.as_bytes(),
+                    properties,
+                ),
+            )
+            .await;
+            match sent {
+                Ok(Ok(confirm)) => pending.push(Pending::Sent { exchange, confirm }),
+                Ok(Err(err)) => {
+                    pending.push(Pending::Unconfirmed {
+                        exchange: Some(exchange),
+                    });
+                    failure = Some(Failure::Amqp(err));
+                }
+                Err(_) => {
+                    pending.push(Pending::Unconfirmed {
+                        exchange: Some(exchange),
+                    });
+                    failure = Some(Failure::Timeout);
+                }
+            }
+        }
+
+        // Await the confirms in publish order.
+        for entry in &mut pending {
+            let Pending::Sent { exchange, confirm } = entry else {
+                continue;
+            };
+            let exchange = std::mem::take(exchange);
+            *entry = match timeout_at(deadline, confirm).await {
+                Ok(Ok(Confirmation::Ack(None))) => Pending::Done(Ok(())),
+                Ok(Ok(Confirmation::Ack(Some(returned)))) => {
+                    Pending::Done(Err(PublishError::Unroutable {
+                        reply_code: returned.reply_code,
+                        reply_text: returned.reply_text.to_string(),
+                    }))
+                }
+                Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => {
+                    Pending::Done(Err(PublishError::Nacked))
+                }
+                Ok(Err(err)) => {
+                    failure.get_or_insert(Failure::Amqp(err));
+                    Pending::Unconfirmed {
+                        exchange: Some(exchange),
+                    }
+                }
+                Err(_) => {
+                    failure.get_or_insert(Failure::Timeout);
+                    Pending::Unconfirmed {
+                        exchange: Some(exchange),
+                    }
+                }
+            };
+        }
+
+        // A failed channel or connection: rebuild next time, and decide who is to blame.
+        let blamed = match &failure {
+            Some(Failure::Amqp(source)) => blame(source),
+            _ => Blame::Nobody,
+        };
+        if failure.is_some() {
+            if let Some(session) = slot.take() {
+                close(session).await;
+            }
+        }
+        if let Blame::MessageSize(limit) = blamed {
+            self.max_message_size.store(limit, Ordering::Relaxed);
+        }
+        let failure = failure.unwrap_or(Failure::Collateral);
+        let mut first_sent = true;
+        rows.iter()
+            .zip(pending)
+            .map(|(row, entry)| match entry {
+                Pending::Done(outcome) => outcome,
+                Pending::Sent { .. } => unreachable!("every confirm was awaited"),
+                Pending::Unconfirmed { exchange } => match &blamed {
+                    Blame::MessageSize(limit) if row.payload.len() > *limit => {
+                        Err(PublishError::TooLarge {
+                            size: row.payload.len(),
+                            limit: *limit,
+                        })
+                    }
+                    Blame::Exchange(name) if exchange.as_deref() == Some(name.as_str()) => {
+                        Err(PublishError::ExchangeNotFound {
+                            exchange: name.clone(),
+                        })
+                    }
+                    Blame::FirstSent if exchange.is_some() && first_sent => {
+                        first_sent = false;
+                        let mut err = failure.to_error();
+                        if let PublishError::Amqp { class, .. } = &mut err {
+                            *class = ErrorClass::Permanent;
+                        }
+                        Err(err)
+                    }
+                    Blame::MessageSize(_) | Blame::Exchange(_) | Blame::FirstSent => {
+                        Err(PublishError::NotSent)
+                    }
+                    Blame::Nobody => Err(failure.to_error()),
+                },
+            })
+            .collect()
+    }
+
+    async fn flush(&self, _timeout: Duration) {
+        // Every publish already awaited its confirms; only the connection is left to close.
+        if let Some(session) = self.session.lock().await.take() {
+            close(session).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::protocol::AMQPError;
+
+    fn channel_closed(kind: AMQPSoftError, text: &str) -> lapin::Error {
+        lapin::ErrorKind::ProtocolError(AMQPError::new(AMQPErrorKind::Soft(kind), text.into()))
+            .into()
+    }
+
+    #[test]
+    fn channel_closes_are_blamed_on_the_right_rows() {
+        let size = channel_closed(
+            AMQPSoftError::PRECONDITIONFAILED,
+            "PRECONDITION_FAILED - message size 2097152 is larger than configured max size 1048576",
+        );
+        assert!(matches!(blame(&size), Blame::MessageSize(1_048_576)));
+        let missing = channel_closed(
+            AMQPSoftError::NOTFOUND,
+            "NOT_FOUND - no exchange 'orders' in vhost '/'",
+        );
+        assert!(matches!(blame(&missing), Blame::Exchange(name) if name == "orders"));
+        let other = channel_closed(AMQPSoftError::RESOURCELOCKED, "RESOURCE_LOCKED - whatever");
+        assert!(matches!(blame(&other), Blame::FirstSent));
+        let io: lapin::Error =
+            lapin::ErrorKind::IOError(std::sync::Arc::new(std::io::Error::other("reset"))).into();
+        assert!(matches!(blame(&io), Blame::Nobody));
+    }
+
+    #[test]
+    fn destinations_are_validated() {
+        assert!(validate_exchange("outbox.orders:v1").is_ok());
+        assert!(validate_exchange("bad exchange").is_err());
+        assert!(validate_routing_key("order.placed").is_ok());
+        assert!(validate_routing_key("a\nb").is_err());
+    }
+}
