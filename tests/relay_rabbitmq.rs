@@ -1,8 +1,12 @@
 //! The RabbitMQ sink end to end: the shared scenarios against the real RabbitMQ, plus
 //! RabbitMQ's own failure cases (no binding, broker restart, forced close, oversized message).
 
+use std::collections::HashSet;
+use std::time::Duration;
+
 use crate::scenarios;
-use crate::support::Broker;
+use crate::support::rabbit::{self, QueueReader};
+use crate::support::{Broker, Outbox, wait_until};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn committed_events_arrive_as_contracted_and_rolled_back_ones_never() {
@@ -43,4 +47,194 @@ async fn sigterm_settles_the_in_flight_batch_and_exits_zero() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_outage_does_not_use_up_attempts() {
     scenarios::a_broker_outage_does_not_use_up_attempts(Broker::RabbitMq).await;
+}
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Row state by aggregate and sequence number: (attempts, last_error, dead, published).
+async fn row_state(
+    outbox: &Outbox,
+    aggregate: &str,
+    seq: i64,
+) -> (i32, Option<String>, bool, bool) {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select attempts, last_error, dead_lettered_at is not null, published_at is not null
+         from {} where aggregate_id = $1 and (payload->>'seq')::bigint = $2",
+        outbox.table
+    )))
+    .bind(aggregate)
+    .bind(seq)
+    .fetch_one(&outbox.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unroutable_rows_are_retried_then_dead_lettered_never_silently_acked() {
+    // GIVEN a queue bound for `order.#` only, three attempts, and events of an aggregate type
+    // that no binding routes
+    let mut outbox = Outbox::for_broker(Broker::RabbitMq).await;
+    outbox.retry.insert("max_attempts", "3".to_owned());
+    let mut reader = outbox.reader("order", 1).await;
+    outbox.insert("lost", "l-1", 0..2).await;
+    outbox.insert("order", "o-1", 0..10).await;
+
+    // WHEN the relay runs
+    let relay = outbox.start();
+
+    // THEN routable events flow
+    reader.read_at_least(10, WAIT).await;
+    // AND the unroutable head is not marked, is retried, then dead-lettered with the reason
+    wait_until(WAIT, "unroutable row dead-lettered", || async {
+        row_state(&outbox, "l-1", 0).await.2
+    })
+    .await;
+    let (attempts, last_error, _, published) = row_state(&outbox, "l-1", 0).await;
+    assert_eq!(attempts, 3);
+    assert!(
+        !published,
+        "an unroutable message is never marked published"
+    );
+    let last_error = last_error.unwrap();
+    assert!(last_error.contains("NO_ROUTE"), "{last_error}");
+    relay
+        .wait_for_log("event dead-lettered", Duration::from_secs(5))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_restart_mid_drain_loses_nothing_and_marks_only_confirmed_rows() {
+    // GIVEN exclusive use of RabbitMQ, a durable bound queue and 20 000 events
+    let mut outbox = Outbox::unmigrated().await;
+    outbox.exclusive_rabbitmq().await;
+    outbox.migrate().success();
+    outbox.relay.insert("batch_size", "200".to_owned());
+    let queue = outbox.bind_queue("stock").await;
+    for aggregate in 0..40 {
+        outbox
+            .insert("stock", &format!("sku-{aggregate}"), 0..500)
+            .await;
+    }
+    let total = 20_000;
+
+    // WHEN RabbitMQ restarts (stop_app / start_app) in the middle of the drain
+    let relay = outbox.start();
+    wait_until(WAIT, "part of the backlog published", || async {
+        outbox.counts().await.0 >= 1_000
+    })
+    .await;
+    rabbit::restart_app().await;
+    let (published_at_restart, _) = outbox.counts().await;
+    assert!(published_at_restart < total, "restarted mid-drain");
+
+    // THEN the relay recovers and publishes everything
+    outbox.wait_all_published(Duration::from_secs(120)).await;
+    relay
+        .wait_for_log("broker available again", Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        relay.logs().matches("broker unavailable").count(),
+        1,
+        "outage logged once"
+    );
+    // AND every row (all marked) is in the durable queue: nothing marked went unconfirmed
+    let mut reader = QueueReader::new(&queue).await;
+    let received = reader.read_at_least(total as usize, WAIT).await;
+    let distinct: HashSet<&str> = received.iter().map(|m| m.header("event_id")).collect();
+    assert_eq!(distinct.len(), total as usize, "lost events");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forced_connection_close_is_recovered_from() {
+    // GIVEN a relay draining a backlog
+    let mut outbox = Outbox::for_broker(Broker::RabbitMq).await;
+    outbox.relay.insert("batch_size", "100".to_owned());
+    let mut reader = outbox.reader("cart", 1).await;
+    for aggregate in 0..20 {
+        outbox
+            .insert("cart", &format!("c-{aggregate}"), 0..500)
+            .await;
+    }
+    let relay = outbox.start();
+    wait_until(WAIT, "part of the backlog published", || async {
+        outbox.counts().await.0 >= 500
+    })
+    .await;
+
+    // WHEN the broker closes the relay's connection (`rabbitmqctl close_connection`)
+    let name = format!("outbox-relay {}", outbox.table);
+    let closed = tokio::task::block_in_place(|| rabbit::close_connections_named(&name));
+    assert_eq!(
+        closed, 1,
+        "the relay's connection, named after its table, was closed"
+    );
+    // AND more events arrive afterwards
+    outbox.insert("cart", "after-close", 0..10).await;
+
+    // THEN the relay reconnects and everything is published and delivered
+    outbox.wait_all_published(WAIT).await;
+    let received = reader.read_at_least(10_010, WAIT).await;
+    let distinct: HashSet<&str> = received.iter().map(|m| m.header("event_id")).collect();
+    assert_eq!(distinct.len(), 10_010);
+    assert!(relay.logs().contains("relay started"));
+}
+
+/// Restores RabbitMQ's default message size limit when the test ends, even on failure.
+struct MaxMessageSize;
+
+impl Drop for MaxMessageSize {
+    fn drop(&mut self) {
+        rabbit::set_max_message_size(134_217_728);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_row_is_dead_lettered_while_its_neighbours_flow() {
+    // GIVEN exclusive use of RabbitMQ with max_message_size = 1 MiB, two attempts, and a
+    // batch with a 2 MiB event, its successor, and ordinary events around them
+    let mut outbox = Outbox::unmigrated().await;
+    outbox.exclusive_rabbitmq().await;
+    outbox.migrate().success();
+    rabbit::set_max_message_size(1_048_576);
+    let _restore = MaxMessageSize;
+    outbox.retry.insert("max_attempts", "2".to_owned());
+    let mut reader = outbox.reader("doc", 1).await;
+    outbox.insert("doc", "before", 0..20).await;
+    outbox
+        .exec(
+            "insert into {table} (aggregate_type, aggregate_id, event_type, payload)
+             values ('doc', 'big', 'uploaded', jsonb_build_object('seq', 0, 'blob', repeat('x', 2097152))),
+                    ('doc', 'big', 'renamed', '{\"seq\": 1}')",
+        )
+        .await;
+    outbox.insert("doc", "after", 0..20).await;
+
+    // WHEN the relay runs
+    let relay = outbox.start();
+
+    // THEN the neighbours are delivered, on a fresh channel where needed
+    let received = reader.read_at_least(40, WAIT).await;
+    assert!(received.iter().all(|m| m.key != "big" || m.seq() == 1));
+    // AND the oversized row is dead-lettered with the broker's limit in its error
+    wait_until(WAIT, "oversized row dead-lettered", || async {
+        row_state(&outbox, "big", 0).await.2
+    })
+    .await;
+    let (attempts, last_error, _, published) = row_state(&outbox, "big", 0).await;
+    assert_eq!(attempts, 2);
+    assert!(!published);
+    let last_error = last_error.unwrap();
+    assert!(
+        last_error.contains("max_message_size of 1048576"),
+        "{last_error}"
+    );
+    // AND its successor follows once it is dead-lettered
+    wait_until(WAIT, "successor published", || async {
+        row_state(&outbox, "big", 1).await.3
+    })
+    .await;
+    assert!(
+        !relay.logs().contains("xxxxxxxxxx"),
+        "payloads are never logged"
+    );
 }

@@ -190,6 +190,12 @@ impl Outbox {
         }
     }
 
+    /// A durable queue bound to the test's exchange for `aggregate_type` (RabbitMQ only),
+    /// for tests that read it later, e.g. after restarting the broker.
+    pub async fn bind_queue(&self, aggregate_type: &str) -> String {
+        rabbit::bind_queue(&self.exchange(), &format!("{aggregate_type}.#")).await
+    }
+
     /// A fresh table name with no table behind it yet.
     pub async fn unmigrated() -> Self {
         let table = unique("outbox");
@@ -266,8 +272,11 @@ impl Outbox {
             "[log]\nformat = \"text\"\nlevel = \"info,outbox_relay=debug\"\n".to_owned(),
         ]
         .join("\n");
+        // Written aside and renamed, so concurrent commands never read a half-written file.
         let path = self.dir.path().join("relay.toml");
-        std::fs::write(&path, text).expect("write config");
+        let partial = self.dir.path().join(unique("relay.toml.partial"));
+        std::fs::write(&partial, text).expect("write config");
+        std::fs::rename(&partial, &path).expect("move config into place");
         path
     }
 
