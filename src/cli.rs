@@ -224,6 +224,7 @@ async fn check(config: &Config) -> u8 {
                 healthy = false;
             }
         },
+        Sink::Discard => println!("sink: discard (nothing is sent; rows are only marked)"),
         Sink::RabbitMq(rabbit) => match rabbit.probe(CONNECT_TIMEOUT).await {
             Ok(()) => println!("rabbitmq: reachable, confirm channel open"),
             Err(err) => {

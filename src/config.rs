@@ -100,7 +100,7 @@ pub struct RetryConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkConfig {
-    /// `kafka` or `rabbitmq`.
+    /// `kafka`, `rabbitmq`, or `discard` (benchmarks and dry runs: marks rows without sending).
     pub kind: SinkKind,
     /// `[sink.kafka]`, required when `kind = "kafka"`.
     pub kafka: Option<KafkaConfig>,
@@ -116,6 +116,9 @@ pub enum SinkKind {
     Kafka,
     /// RabbitMQ (AMQP 0-9-1).
     Rabbitmq,
+    /// Sends nothing and counts every row as published: the database-side floor for
+    /// benchmarks, and a dry run. Never use it where events matter.
+    Discard,
 }
 
 /// `[sink.kafka]`
@@ -393,6 +396,7 @@ impl Config {
                 })?;
                 kafka.validate(relay.lease_duration)?;
             }
+            SinkKind::Discard => {}
             SinkKind::Rabbitmq => {
                 let rabbit = self.sink.rabbitmq.as_ref().ok_or_else(|| {
                     invalid("sink.rabbitmq", "is required when sink.kind = \"rabbitmq\"")

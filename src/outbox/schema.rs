@@ -10,11 +10,18 @@ use super::Table;
 
 /// The migrations, in order, embedded in the binary. Versions are recorded per table in
 /// `outbox_relay_migrations` (in the outbox table's schema).
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "outbox",
-    include_str!("../../migrations/0001_outbox.sql"),
-)];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "outbox",
+        include_str!("../../migrations/0001_outbox.sql"),
+    ),
+    (
+        2,
+        "waiting_index",
+        include_str!("../../migrations/0002_waiting_index.sql"),
+    ),
+];
 
 /// Renders a migration for `table`: every placeholder becomes a validated, quoted identifier.
 fn render(sql: &str, table: &Table) -> String {
@@ -22,6 +29,11 @@ fn render(sql: &str, table: &Table) -> String {
     sql.replace("{{table}}", &table.quoted())
         .replace("{{pending_index}}", &bare("pending_idx"))
         .replace("{{aggregate_index}}", &bare("aggregate_pending_idx"))
+        .replace(
+            "{{aggregate_index_qualified}}",
+            &table.companion("aggregate_pending_idx"),
+        )
+        .replace("{{waiting_index}}", &bare("waiting_idx"))
         .replace("{{notify_trigger}}", &bare("relay_notify"))
         .replace("{{notify_function}}", &table.companion("relay_notify"))
 }

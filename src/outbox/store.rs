@@ -3,8 +3,8 @@
 //! # Claim protocol
 //! A claim is one short transaction: it takes a transaction-scoped advisory lock (so concurrent
 //! claimers on the same table are serialised and cannot reorder an aggregate between them), picks
-//! up to `batch_size` due rows in `id` order whose aggregate has no earlier row that is waiting
-//! (leased by someone or backing off), and leases them by writing `next_attempt_at = lease expiry`
+//! up to `batch_size` due rows in `id` order whose aggregate has no row waiting (leased by
+//! someone, or backing off after a failure), and leases them by writing `next_attempt_at = lease expiry`
 //! and `attempts = attempts + 1`. No transaction or row lock is held while the broker works.
 //!
 //! The lease expiry doubles as a fencing token: mark, retry and release only touch rows whose
@@ -111,11 +111,11 @@ impl Store {
                  select o.id from {t} o
                  where o.published_at is null and o.dead_lettered_at is null
                    and (o.next_attempt_at is null or o.next_attempt_at <= now())
-                   and not exists (
-                       select 1 from {t} p
-                       where p.aggregate_id = o.aggregate_id and p.id < o.id
-                         and p.published_at is null and p.dead_lettered_at is null
-                         and p.next_attempt_at > now())
+                   -- skip aggregates with a waiting row (leased, or backing off); a hashed
+                   -- subplan over the small waiting index, see migration 0002
+                   and o.aggregate_id not in (
+                       select w.aggregate_id from {t} w
+                       where w.published_at is null and w.next_attempt_at > now())
                  order by o.id
                  limit $1
                  for update of o

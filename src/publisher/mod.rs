@@ -147,6 +147,8 @@ pub(crate) enum Sink {
     Kafka(kafka::KafkaPublisher),
     // Boxed: the AMQP session state is large and the enum lives for the whole run.
     RabbitMq(Box<rabbitmq::RabbitMqPublisher>),
+    /// Acknowledges every row without sending it (benchmarks, dry runs).
+    Discard,
 }
 
 impl Publisher for Sink {
@@ -154,6 +156,7 @@ impl Publisher for Sink {
         match self {
             Self::Kafka(kafka) => kafka.publish(rows).await,
             Self::RabbitMq(rabbit) => rabbit.publish(rows).await,
+            Self::Discard => rows.iter().map(|_| Ok(())).collect(),
         }
     }
 
@@ -161,6 +164,7 @@ impl Publisher for Sink {
         match self {
             Self::Kafka(kafka) => kafka.flush(timeout).await,
             Self::RabbitMq(rabbit) => rabbit.flush(timeout).await,
+            Self::Discard => {}
         }
     }
 }
@@ -170,6 +174,7 @@ impl fmt::Display for Sink {
         match self {
             Self::Kafka(_) => f.write_str("kafka"),
             Self::RabbitMq(_) => f.write_str("rabbitmq"),
+            Self::Discard => f.write_str("discard"),
         }
     }
 }

@@ -151,6 +151,7 @@ impl Relay {
                     )
                 })?)
             }
+            SinkKind::Discard => Sink::Discard,
             SinkKind::Rabbitmq => {
                 let rabbit = config.sink.rabbitmq.as_ref().expect("validated");
                 Sink::RabbitMq(Box::new(RabbitMqPublisher::new(
@@ -186,6 +187,11 @@ impl Relay {
     /// `shutdown_timeout`), stops the listener and flushes the producer.
     pub async fn run(self, shutdown: CancellationToken) -> Stopped {
         tracing::info!(table = %self.table, sink = %self.sink, batch_size = self.batch_size, "relay started");
+        if matches!(self.sink, Sink::Discard) {
+            tracing::warn!(
+                "sink.kind = \"discard\": rows are marked published without being sent anywhere"
+            );
+        }
         let listener_stop = shutdown.child_token();
         let listener = self.listen_pool.clone().map(|pool| {
             tokio::spawn(listener::run(

@@ -1,0 +1,653 @@
+//! Relay benchmark: drain throughput per sink against measured floors, commit-to-ack latency,
+//! resources, and scale-out. Run with `scripts/bench.sh` (it starts the services first).
+//!
+//! Every figure is measured in this run, on this machine, with PostgreSQL, the broker and the
+//! relay (the release binary, as a child process) sharing its cores. Options:
+//! `--rows N` (default 200000), `--aggregates N` (5000), `--payload BYTES` (1000),
+//! `--batch N` (1000), `--only drain,floors,latency,scale` (default: all).
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::future::join_all;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions, QueuePurgeOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Row};
+
+const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+const DATABASE: &str = "outbox_relay_bench";
+const BROKERS: &str = "127.0.0.1:9092";
+const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+#[derive(Debug, Clone)]
+struct Args {
+    rows: i64,
+    aggregates: i64,
+    payload: usize,
+    batch: u32,
+    only: Vec<String>,
+}
+
+impl Args {
+    fn parse() -> Self {
+        let mut args = Self {
+            rows: 200_000,
+            aggregates: 5_000,
+            payload: 1_000,
+            batch: 1_000,
+            only: vec![],
+        };
+        let mut it = std::env::args().skip(1);
+        while let Some(flag) = it.next() {
+            let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+            match flag.as_str() {
+                "--rows" => args.rows = value().parse().expect("--rows N"),
+                "--aggregates" => args.aggregates = value().parse().expect("--aggregates N"),
+                "--payload" => args.payload = value().parse().expect("--payload BYTES"),
+                "--batch" => args.batch = value().parse().expect("--batch N"),
+                "--only" => args.only = value().split(',').map(str::to_owned).collect(),
+                "--bench" => {}
+                other => panic!("unknown option {other}"),
+            }
+        }
+        args
+    }
+
+    fn wants(&self, part: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|p| p == part)
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(run(args));
+}
+
+async fn run(args: Args) {
+    let pool = database().await;
+    print_facts(&pool, &args).await;
+    let mut floors = Floors::default();
+    if args.wants("floors") || args.wants("drain") {
+        println!("\n## Floors (same rows, same settings, no relay)\n");
+        println!("| floor | what | rows | seconds | per second |");
+        println!("|---|---|---:|---:|---:|");
+        floors.database = floor_database(&pool, &args).await;
+        floors.kafka = floor_kafka(&args).await;
+        floors.rabbitmq = floor_rabbitmq(&args).await;
+    }
+    if args.wants("drain") {
+        println!("\n## Drain: {} rows already in the table\n", args.rows);
+        println!(
+            "| sink | events/s | ratio to min(db floor, broker floor) | peak RSS MiB | CPU s per 100k events |"
+        );
+        println!("|---|---:|---:|---:|---:|");
+        for (sink, broker_floor) in [
+            ("discard", None),
+            ("kafka", Some(floors.kafka)),
+            ("rabbitmq", Some(floors.rabbitmq)),
+        ] {
+            let drained = drain(&pool, &args, sink, 1).await;
+            let floor = broker_floor.map_or(floors.database, |b: f64| b.min(floors.database));
+            println!(
+                "| {sink} | {:.0} | {:.2} (floor {:.0}/s) | {:.1} | {:.2} |",
+                drained.rate,
+                drained.rate / floor,
+                floor,
+                drained.peak_rss_mib,
+                drained.cpu_seconds / args.rows as f64 * 100_000.0
+            );
+        }
+    }
+    if args.wants("scale") {
+        println!("\n## Scale-out: Kafka sink, instances on one table\n");
+        println!("| instances | events/s | peak RSS MiB (largest) |");
+        println!("|---:|---:|---:|");
+        for instances in [1, 2, 4] {
+            let drained = drain(&pool, &args, "kafka", instances).await;
+            println!(
+                "| {instances} | {:.0} | {:.1} |",
+                drained.rate, drained.peak_rss_mib
+            );
+        }
+    }
+    if args.wants("latency") {
+        println!("\n## Latency: commit → broker ack (Kafka sink), steady insert rate, 10 s\n");
+        println!("| rate/s | wake-up | events | p50 ms | p99 ms | max ms |");
+        println!("|---:|---|---:|---:|---:|---:|");
+        for rate in [1_000u32, 5_000] {
+            for listen in [true, false] {
+                latency(&pool, rate, listen).await;
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Floors {
+    database: f64,
+    kafka: f64,
+    rabbitmq: f64,
+}
+
+async fn database() -> PgPool {
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&format!("{SERVER}/postgres"))
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432 (scripts/services.sh starts it)");
+    let exists: bool =
+        sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
+            .bind(DATABASE)
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+    if !exists {
+        sqlx::query(AssertSqlSafe(format!("create database {DATABASE}")))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+    PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&format!("{SERVER}/{DATABASE}"))
+        .await
+        .unwrap()
+}
+
+async fn print_facts(pool: &PgPool, args: &Args) {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_owned();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .nth(1)
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb / 1024 / 1024);
+    let pg: String = sqlx::query_scalar("select version()")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    println!("# outbox-relay benchmark\n");
+    println!(
+        "- machine: {} cores ({cpu}), {mem} GiB",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!("- database: {}", pg.split(" on ").next().unwrap_or(&pg));
+    println!(
+        "- kafka: tansu at {BROKERS} (memory storage); rabbitmq at 127.0.0.1:5672, durable lazy queue"
+    );
+    println!(
+        "- workload: {} rows, {} aggregates, {} B JSON payloads, relay batch_size {}",
+        args.rows, args.aggregates, args.payload, args.batch
+    );
+    println!(
+        "- relay: release build, acks=all + idempotence (Kafka), persistent + mandatory + confirms (RabbitMQ)"
+    );
+}
+
+/// A fresh outbox table filled with `rows` events.
+async fn fresh_table(pool: &PgPool, args: &Args, name: &str, rows: i64) -> String {
+    sqlx::query(AssertSqlSafe(format!("drop table if exists {name}")))
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("delete from outbox_relay_migrations where table_name = $1")
+        .bind(name)
+        .execute(pool)
+        .await
+        .ok();
+    let config = config_file(name, "discard", args.batch, true, Duration::from_secs(1));
+    let out = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(["-c", config.to_str().unwrap(), "migrate"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "migrate: {out:?}");
+    if rows > 0 {
+        sqlx::query(AssertSqlSafe(format!(
+            "insert into {name} (aggregate_type, aggregate_id, event_type, payload)
+             select 'bench', (i % $2)::text, 'happened',
+                    jsonb_build_object('seq', i, 'data', repeat('x', $3))
+             from generate_series(1, $1) i"
+        )))
+        .bind(rows)
+        .bind(args.aggregates)
+        .bind((args.payload as i32 - 30).max(0))
+        .execute(pool)
+        .await
+        .unwrap();
+        sqlx::query(AssertSqlSafe(format!("vacuum analyze {name}")))
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    name.to_owned()
+}
+
+fn config_file(
+    table: &str,
+    sink: &str,
+    batch: u32,
+    listen: bool,
+    poll: Duration,
+) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join("outbox-relay-bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{table}-{sink}-{listen}.toml"));
+    let text = format!(
+        r#"[database]
+url = "{SERVER}/{DATABASE}"
+table = "{table}"
+[relay]
+batch_size = {batch}
+listen = {listen}
+poll_interval = "{}ms"
+[sink]
+kind = "{sink}"
+[sink.kafka]
+brokers = "{BROKERS}"
+topic = "bench.{{aggregate_type}}"
+[sink.rabbitmq]
+url = "{AMQP}"
+exchange = "bench"
+[log]
+format = "text"
+level = "warn"
+"#,
+        poll.as_millis()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// (a) The database work alone: claim a batch (lease it) and mark it, in a loop, with the
+/// relay's session settings, and nothing else.
+async fn floor_database(pool: &PgPool, args: &Args) -> f64 {
+    let table = fresh_table(pool, args, "bench_floor", args.rows).await;
+    let relay_pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&format!(
+            "{SERVER}/{DATABASE}?options=-c%20synchronous_commit%3Doff"
+        ))
+        .await
+        .unwrap();
+    let claim = format!(
+        "update {table} set attempts = attempts + 1, next_attempt_at = clock_timestamp() + interval '1 minute'
+         where id in (select id from {table} where published_at is null and dead_lettered_at is null
+                        and (next_attempt_at is null or next_attempt_at <= now())
+                      order by id limit $1 for update skip locked)
+         returning id, event_id, aggregate_type, aggregate_id, event_type, payload::text, headers::text, created_at"
+    );
+    let mark = format!(
+        "update {table} set published_at = now(), next_attempt_at = null where id = any($1)"
+    );
+    let started = Instant::now();
+    let mut done = 0;
+    loop {
+        let rows = sqlx::query(AssertSqlSafe(claim.clone()))
+            .bind(i64::from(args.batch))
+            .fetch_all(&relay_pool)
+            .await
+            .unwrap();
+        if rows.is_empty() {
+            break;
+        }
+        let ids: Vec<i64> = rows.iter().map(|r| r.get::<i64, _>(0)).collect();
+        sqlx::query(AssertSqlSafe(mark.clone()))
+            .bind(&ids)
+            .execute(&relay_pool)
+            .await
+            .unwrap();
+        done += ids.len();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let rate = done as f64 / seconds;
+    println!(
+        "| (a) database | claim + mark SQL, batch {} | {done} | {seconds:.2} | {rate:.0} |",
+        args.batch
+    );
+    rate
+}
+
+/// (b) Kafka alone: the same messages through an idempotent acks=all producer, a batch enqueued
+/// at a time and its delivery reports awaited together.
+async fn floor_kafka(args: &Args) -> f64 {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let payload = format!(
+        "{{\"seq\": 0, \"data\": \"{}\"}}",
+        "x".repeat(args.payload.saturating_sub(30))
+    );
+    let keys: Vec<String> = (0..args.aggregates).map(|k| k.to_string()).collect();
+    let started = Instant::now();
+    let mut sent = 0i64;
+    while sent < args.rows {
+        let n = (args.rows - sent).min(i64::from(args.batch));
+        let mut futures = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let key = &keys[((sent + i) % args.aggregates) as usize];
+            let record = FutureRecord::to("bench.floor").key(key).payload(&payload);
+            futures.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+        }
+        for result in join_all(futures).await {
+            result.unwrap().map_err(|(e, _)| e).unwrap();
+        }
+        sent += n;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let rate = sent as f64 / seconds;
+    println!(
+        "| (b) kafka | rdkafka produce, acks=all, idempotent | {sent} | {seconds:.2} | {rate:.0} |"
+    );
+    rate
+}
+
+async fn rabbit_queue() -> (Connection, lapin::Channel) {
+    let connection = Connection::connect(AMQP, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .exchange_declare(
+            "bench".into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-mode".into(), AMQPValue::LongString("lazy".into()));
+    channel
+        .queue_declare(
+            "bench".into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            "bench".into(),
+            "bench".into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_purge("bench".into(), QueuePurgeOptions::default())
+        .await
+        .unwrap();
+    (connection, channel)
+}
+
+/// (b) RabbitMQ alone: the same messages, persistent and mandatory, on a confirm channel with
+/// a window of one batch.
+async fn floor_rabbitmq(args: &Args) -> f64 {
+    let (_connection, channel) = rabbit_queue().await;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let payload = format!(
+        "{{\"seq\": 0, \"data\": \"{}\"}}",
+        "x".repeat(args.payload.saturating_sub(30))
+    );
+    let started = Instant::now();
+    let mut sent = 0i64;
+    while sent < args.rows {
+        let n = (args.rows - sent).min(i64::from(args.batch));
+        let mut confirms = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let confirm = channel
+                .basic_publish(
+                    "bench".into(),
+                    "bench.happened".into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    payload.as_bytes(),
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap();
+            confirms.push(confirm);
+        }
+        for confirm in confirms {
+            assert!(confirm.await.unwrap().is_ack());
+        }
+        sent += n;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let rate = sent as f64 / seconds;
+    println!(
+        "| (b) rabbitmq | lapin publish, persistent + mandatory, confirm window {} | {sent} | {seconds:.2} | {rate:.0} |",
+        args.batch
+    );
+    channel
+        .queue_purge("bench".into(), QueuePurgeOptions::default())
+        .await
+        .unwrap();
+    rate
+}
+
+struct Drained {
+    rate: f64,
+    peak_rss_mib: f64,
+    cpu_seconds: f64,
+}
+
+fn spawn_relay(config: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(["-c", config.to_str().unwrap(), "run"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+/// Peak RSS (MiB) and CPU seconds of a running process, from /proc.
+fn resources(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm_kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    (hwm_kb / 1024.0, ticks / 100.0)
+}
+
+/// Whether any row is still unpublished (cheap: stops at the first row of the pending index, so
+/// polling it does not load the database it measures).
+async fn pending(pool: &PgPool, table: &str) -> bool {
+    sqlx::query_scalar(AssertSqlSafe(format!(
+        "select exists (select 1 from {table} where published_at is null and dead_lettered_at is null)"
+    )))
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+async fn drain(pool: &PgPool, args: &Args, sink: &str, instances: usize) -> Drained {
+    let table = fresh_table(pool, args, &format!("bench_{sink}_{instances}"), args.rows).await;
+    if sink == "rabbitmq" {
+        let _ = rabbit_queue().await;
+    }
+    let config = config_file(&table, sink, args.batch, true, Duration::from_secs(1));
+    let started = Instant::now();
+    let mut relays: Vec<Child> = (0..instances).map(|_| spawn_relay(&config)).collect();
+    let mut peak = 0.0f64;
+    loop {
+        for relay in &relays {
+            peak = peak.max(resources(relay.id()).0);
+        }
+        if !pending(pool, &table).await {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "drain took over 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let mut cpu = 0.0;
+    for relay in &relays {
+        let (rss, seconds) = resources(relay.id());
+        peak = peak.max(rss);
+        cpu += seconds;
+    }
+    for relay in &mut relays {
+        let _ = Command::new("kill")
+            .args(["-TERM", &relay.id().to_string()])
+            .status();
+        let _ = relay.wait();
+    }
+    if sink == "rabbitmq" {
+        let (_c, channel) = rabbit_queue().await;
+        drop(channel);
+    }
+    Drained {
+        rate: args.rows as f64 / seconds,
+        peak_rss_mib: peak,
+        cpu_seconds: cpu,
+    }
+}
+
+/// Inserts single-row transactions at `rate`/s for 10 s from 4 connections, records each
+/// commit time, and compares it with `published_at` once everything is published.
+async fn latency(pool: &PgPool, rate: u32, listen: bool) {
+    let args = Args {
+        rows: 0,
+        aggregates: 500,
+        payload: 1000,
+        batch: 1000,
+        only: vec![],
+    };
+    let table = fresh_table(pool, &args, &format!("bench_latency_{rate}_{listen}"), 0).await;
+    let poll = Duration::from_millis(250);
+    let config = config_file(&table, "kafka", 1000, listen, poll);
+    let mut relay = spawn_relay(&config);
+    tokio::time::sleep(Duration::from_secs(2)).await; // let it connect and start listening
+    let writers = 4u32;
+    let per_writer = rate / writers;
+    let duration = Duration::from_secs(10);
+    let commits = Arc::new(std::sync::Mutex::new(HashMap::new()));
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let pool = pool.clone();
+            let table = table.clone();
+            let commits = Arc::clone(&commits);
+            tokio::spawn(async move {
+                let interval = Duration::from_secs_f64(1.0 / f64::from(per_writer));
+                let mut tick = tokio::time::interval(interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                let started = Instant::now();
+                let mut n = 0u64;
+                let payload = serde_json::json!({"data": "x".repeat(970)});
+                while started.elapsed() < duration {
+                    tick.tick().await;
+                    let id: uuid::Uuid = sqlx::query_scalar(AssertSqlSafe(format!(
+                        "insert into {table} (aggregate_type, aggregate_id, event_type, payload)
+                         values ('bench', $1, 'happened', $2) returning event_id"
+                    )))
+                    .bind(format!("{w}-{}", n % 100))
+                    .bind(&payload)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                    commits.lock().unwrap().insert(id, SystemTime::now());
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pending(pool, &table).await && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status();
+    let _ = relay.wait();
+    let published: Vec<(uuid::Uuid, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as(AssertSqlSafe(format!(
+            "select event_id, published_at from {table} where published_at is not null"
+        )))
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    let commits = commits.lock().unwrap();
+    let mut latencies: Vec<f64> = published
+        .iter()
+        .filter_map(|(id, at)| {
+            let committed: chrono::DateTime<chrono::Utc> = (*commits.get(id)?).into();
+            Some((*at - committed).num_microseconds()? as f64 / 1000.0)
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    println!(
+        "| {rate} | {} | {} | {:.1} | {:.1} | {:.1} |",
+        if listen {
+            "LISTEN/NOTIFY"
+        } else {
+            "poll every 250 ms"
+        },
+        latencies.len(),
+        pct(0.5),
+        pct(0.99),
+        latencies.last().copied().unwrap_or(0.0)
+    );
+}
