@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::scenarios;
 use crate::support::rabbit::{self, QueueReader};
-use crate::support::{Broker, Outbox, wait_until};
+use crate::support::{Broker, Outbox, Reader, wait_until};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn committed_events_arrive_as_contracted_and_rolled_back_ones_never() {
@@ -138,8 +138,8 @@ async fn broker_restart_mid_drain_loses_nothing_and_marks_only_confirmed_rows() 
         "outage logged once"
     );
     // AND every row (all marked) is in the durable queue: nothing marked went unconfirmed
-    let mut reader = QueueReader::new(&queue).await;
-    let received = reader.read_at_least(total as usize, WAIT).await;
+    let mut reader = Reader::RabbitMq(Box::new(QueueReader::new(&queue).await));
+    let received = reader.read_distinct(total as usize, WAIT).await;
     let distinct: HashSet<&str> = received.iter().map(|m| m.header("event_id")).collect();
     assert_eq!(distinct.len(), total as usize, "lost events");
 }
@@ -173,7 +173,7 @@ async fn forced_connection_close_is_recovered_from() {
 
     // THEN the relay reconnects and everything is published and delivered
     outbox.wait_all_published(WAIT).await;
-    let received = reader.read_at_least(10_010, WAIT).await;
+    let received = reader.read_distinct(10_010, WAIT).await;
     let distinct: HashSet<&str> = received.iter().map(|m| m.header("event_id")).collect();
     assert_eq!(distinct.len(), 10_010);
     assert!(relay.logs().contains("relay started"));

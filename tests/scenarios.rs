@@ -238,7 +238,7 @@ pub async fn sigkill_mid_drain_then_restart_loses_nothing(broker: Broker) {
 
     // THEN every event is published and delivered, and order per aggregate holds
     outbox.wait_all_published(Duration::from_secs(120)).await;
-    let received = reader.read_at_least(total as usize, WAIT).await;
+    let received = reader.read_distinct(total as usize, WAIT).await;
     let distinct: HashSet<&str> = received.iter().map(|m| m.header("event_id")).collect();
     assert_eq!(distinct.len(), total as usize, "lost events");
     let duplicates = received.len() - distinct.len();
@@ -290,7 +290,7 @@ pub async fn sigterm_settles_the_in_flight_batch_and_exits_zero(broker: Broker) 
     assert_eq!(leased, 0, "in-flight batch was settled");
     // AND every row marked published is in the broker
     let (published, _) = outbox.counts().await;
-    let received = reader.read_at_least(published as usize, WAIT).await;
+    let received = reader.read_distinct(published as usize, WAIT).await;
     assert!(received.len() as i64 >= published);
 }
 

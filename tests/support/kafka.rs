@@ -33,6 +33,8 @@ pub async fn create_topic(topic: &str, partitions: i32) {
 pub struct TopicReader {
     consumer: BaseConsumer,
     pub received: Vec<Received>,
+    /// Distinct event ids received.
+    seen: std::collections::HashSet<String>,
 }
 
 impl TopicReader {
@@ -68,7 +70,23 @@ impl TopicReader {
         Self {
             consumer,
             received: Vec::new(),
+            seen: std::collections::HashSet::new(),
         }
+    }
+
+    /// Polls until `count` distinct events (by `event_id`) arrived, or panics after `timeout`.
+    pub fn read_distinct(&mut self, count: usize, timeout: Duration) -> &[Received] {
+        let deadline = Instant::now() + timeout;
+        while self.seen.len() < count && Instant::now() < deadline {
+            self.poll_once(Duration::from_millis(100));
+        }
+        assert!(
+            self.seen.len() >= count,
+            "{} distinct of {count} events ({} messages) within {timeout:?}",
+            self.seen.len(),
+            self.received.len()
+        );
+        &self.received
     }
 
     /// Polls until at least `count` messages were received in total, or panics after `timeout`.
@@ -108,7 +126,7 @@ impl TopicReader {
                 );
             }
         }
-        self.received.push(Received {
+        let received = Received {
             topic: message.topic().to_owned(),
             partition: message.partition(),
             key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
@@ -116,6 +134,8 @@ impl TopicReader {
                 .expect("JSON payload"),
             headers,
             properties: BTreeMap::new(),
-        });
+        };
+        self.seen.insert(received.header("event_id").to_owned());
+        self.received.push(received);
     }
 }

@@ -507,6 +507,16 @@ impl Reader {
         }
     }
 
+    /// Reads until `count` distinct events (by `event_id`) arrived; duplicates do not count.
+    pub async fn read_distinct(&mut self, count: usize, timeout: Duration) -> Vec<Received> {
+        match self {
+            Self::Kafka(r) => {
+                tokio::task::block_in_place(|| r.read_distinct(count, timeout).to_vec())
+            }
+            Self::RabbitMq(r) => r.read_distinct(count, timeout).await.to_vec(),
+        }
+    }
+
     /// Keeps reading for `period` (to show nothing more arrives); returns everything received.
     pub async fn read_for(&mut self, period: Duration) -> Vec<Received> {
         match self {

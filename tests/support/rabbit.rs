@@ -89,6 +89,8 @@ pub struct QueueReader {
     _connection: Connection,
     consumer: Consumer,
     pub received: Vec<Received>,
+    /// Distinct event ids received.
+    seen: std::collections::HashSet<String>,
 }
 
 impl QueueReader {
@@ -111,7 +113,23 @@ impl QueueReader {
             _connection: connection,
             consumer,
             received: Vec::new(),
+            seen: std::collections::HashSet::new(),
         }
+    }
+
+    /// Reads until `count` distinct events (by `event_id`) arrived, or panics after `timeout`.
+    pub async fn read_distinct(&mut self, count: usize, timeout: Duration) -> &[Received] {
+        let deadline = Instant::now() + timeout;
+        while self.seen.len() < count && Instant::now() < deadline {
+            self.poll_once(deadline).await;
+        }
+        assert!(
+            self.seen.len() >= count,
+            "{} distinct of {count} events ({} messages) within {timeout:?}",
+            self.seen.len(),
+            self.received.len()
+        );
+        &self.received
     }
 
     pub async fn read_at_least(&mut self, count: usize, timeout: Duration) -> &[Received] {
@@ -172,14 +190,16 @@ impl QueueReader {
             props.delivery_mode().map(|v| v.to_string()),
         );
         put("timestamp", props.timestamp().map(|v| v.to_string()));
-        self.received.push(Received {
+        let received = Received {
             topic: delivery.routing_key.to_string(),
             partition: 0,
             key: headers.get("aggregate_id").cloned().unwrap_or_default(),
             payload: serde_json::from_slice(&delivery.data).expect("JSON payload"),
             headers,
             properties,
-        });
+        };
+        self.seen.insert(received.header("event_id").to_owned());
+        self.received.push(received);
     }
 }
 
