@@ -47,7 +47,7 @@ pub struct DatabaseConfig {
     /// Outbox table, optionally schema-qualified (`billing.outbox`). Default `outbox`.
     #[serde(default = "default_table")]
     pub table: String,
-    /// Connections the relay keeps to the database (LISTEN uses one more). Default 2.
+    /// Connections the relay keeps to the database (LISTEN uses one more). Default 4.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
     /// Upper bound for one statement of the relay; protects against a hung database. Default 30s.
@@ -62,6 +62,10 @@ pub struct RelayConfig {
     /// Most rows claimed and published as one batch. Default 500.
     #[serde(default = "default_batch_size")]
     pub batch_size: u32,
+    /// Batches published at once; the next claim and the marking of earlier batches overlap
+    /// the broker's work. Batches in flight never share an aggregate. Default 2.
+    #[serde(default = "default_max_in_flight_batches")]
+    pub max_in_flight_batches: u32,
     /// Fallback poll when idle; always on, even with `listen`. Default 1s.
     #[serde(default = "default_poll_interval", with = "humantime_serde")]
     pub poll_interval: Duration,
@@ -189,13 +193,16 @@ fn default_table() -> String {
     DEFAULT_TABLE.to_owned()
 }
 fn default_max_connections() -> u32 {
-    2
+    4
 }
 fn default_statement_timeout() -> Duration {
     Duration::from_secs(30)
 }
 fn default_batch_size() -> u32 {
     DEFAULT_BATCH_SIZE
+}
+fn default_max_in_flight_batches() -> u32 {
+    2
 }
 fn default_poll_interval() -> Duration {
     Duration::from_secs(1)
@@ -241,6 +248,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         Self {
             batch_size: default_batch_size(),
+            max_in_flight_batches: default_max_in_flight_batches(),
             poll_interval: default_poll_interval(),
             listen: true,
             lease_duration: default_lease_duration(),

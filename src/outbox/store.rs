@@ -93,6 +93,7 @@ pub(crate) struct Store {
     mark: SqlStr,
     retry: SqlStr,
     release: SqlStr,
+    release_lease: SqlStr,
     pending: SqlStr,
 }
 
@@ -147,6 +148,11 @@ impl Store {
                  last_error = coalesce($3, last_error)
              where id = any($1) and next_attempt_at = $2 and published_at is null"
         );
+        let release_lease = format!(
+            "update {t}
+             set attempts = greatest(attempts - 1, 0), next_attempt_at = null
+             where next_attempt_at = $1 and published_at is null"
+        );
         let pending = format!(
             "select count(*), min(created_at) from {t}
              where published_at is null and dead_lettered_at is null"
@@ -158,6 +164,7 @@ impl Store {
             mark: sql(mark),
             retry: sql(retry),
             release: sql(release),
+            release_lease: sql(release_lease),
             pending: sql(pending),
         }
     }
@@ -261,6 +268,16 @@ impl Store {
             .bind(ids)
             .bind(lease.until)
             .bind(error)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::new("release"))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Gives back every row still holding `lease` (shutdown with a batch in flight).
+    pub(crate) async fn release_lease(&self, lease: Lease) -> Result<u64, StoreError> {
+        let done = sqlx::query(self.release_lease.clone())
+            .bind(lease.until)
             .execute(&self.pool)
             .await
             .map_err(StoreError::new("release"))?;

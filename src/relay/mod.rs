@@ -8,9 +8,13 @@
 
 pub(crate) mod backoff;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesUnordered, StreamExt};
 
 use chrono::Utc;
 use tokio::sync::Notify;
@@ -48,6 +52,8 @@ pub struct Relay {
     /// Wake-ups from NOTIFY (a hint; the poll interval is the fallback).
     wakeup: Arc<Notify>,
     batch_size: u32,
+    /// Batches published at once (the next claim overlaps them).
+    max_in_flight: usize,
     poll_interval: Duration,
     lease_duration: Duration,
     shutdown_timeout: Duration,
@@ -103,17 +109,22 @@ impl Outage {
     }
 }
 
-/// What the loop does after an iteration.
-#[derive(Debug)]
-enum Next {
-    /// The batch was full: claim again at once.
-    Drain,
-    /// Nothing (more) to do: wait for a wake-up or the poll interval.
-    Idle,
-    /// A dependency is failing: wait this long.
-    Pause(Duration),
-    /// Shutdown deadline passed during a batch.
-    Abandoned,
+/// Work the relay task polls: a claim, or a batch being published and settled.
+enum Done {
+    Claimed(Result<Option<Batch>, StoreError>),
+    Settled {
+        lease: Lease,
+        /// The first transient or fatal broker error of the batch: pause.
+        broker_error: Option<(ErrorClass, String)>,
+    },
+}
+
+/// Sleeps until `at`, or forever when `None` (the select branch is disabled then anyway).
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// What happened to a published batch.
@@ -167,6 +178,7 @@ impl Relay {
             sink,
             wakeup: Arc::new(Notify::new()),
             batch_size: config.relay.batch_size,
+            max_in_flight: config.relay.max_in_flight_batches as usize,
             poll_interval: config.relay.poll_interval,
             lease_duration: config.relay.lease_duration,
             shutdown_timeout: config.relay.shutdown_timeout,
@@ -183,10 +195,22 @@ impl Relay {
         &self.sink
     }
 
-    /// Runs until `shutdown` is cancelled, then finishes the in-flight batch (within
+    /// Runs until `shutdown` is cancelled, then finishes the batches in flight (within
     /// `shutdown_timeout`), stops the listener and flushes the producer.
+    ///
+    /// Up to `max_in_flight_batches` batches are published at once, and the next claim runs
+    /// while they are with the broker. Batches in flight never share an aggregate (the claim
+    /// skips aggregates with a leased row), so they can complete in any order without
+    /// reordering an aggregate. All work is polled by this one task; nothing is cancelled
+    /// mid-statement or mid-publish.
     pub async fn run(self, shutdown: CancellationToken) -> Stopped {
-        tracing::info!(table = %self.table, sink = %self.sink, batch_size = self.batch_size, "relay started");
+        tracing::info!(
+            table = %self.table,
+            sink = %self.sink,
+            batch_size = self.batch_size,
+            max_in_flight_batches = self.max_in_flight,
+            "relay started"
+        );
         if matches!(self.sink, Sink::Discard) {
             tracing::warn!(
                 "sink.kind = \"discard\": rows are marked published without being sent anywhere"
@@ -202,37 +226,7 @@ impl Relay {
             ))
         });
 
-        let mut next = Next::Drain;
-        let mut next_summary = tokio::time::Instant::now() + self.summary_interval;
-        let stopped = loop {
-            // 1. Wait: shutdown first, then wake-ups, poll timer and the summary timer.
-            match next {
-                Next::Drain => {}
-                Next::Idle => tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => break Stopped::Clean,
-                    () = self.wakeup.notified() => {}
-                    () = tokio::time::sleep(self.poll_interval) => {}
-                    () = tokio::time::sleep_until(next_summary) => {}
-                },
-                Next::Pause(delay) => tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => break Stopped::Clean,
-                    () = tokio::time::sleep(delay) => {}
-                },
-                Next::Abandoned => break Stopped::Abandoned,
-            }
-            if shutdown.is_cancelled() {
-                break Stopped::Clean;
-            }
-            // 2. Periodic summary.
-            if tokio::time::Instant::now() >= next_summary {
-                self.summary(true).await;
-                next_summary = tokio::time::Instant::now() + self.summary_interval;
-            }
-            // 3. One batch.
-            next = self.cycle(&shutdown).await;
-        };
+        let stopped = self.pipeline(&shutdown).await;
 
         listener_stop.cancel();
         if let Some(listener) = listener {
@@ -247,63 +241,124 @@ impl Relay {
         stopped
     }
 
-    /// Claims, publishes and settles one batch.
-    async fn cycle(&self, shutdown: &CancellationToken) -> Next {
-        let batch = match self.store.claim(self.batch_size, self.lease_duration).await {
-            Ok(batch) => {
-                self.database.recovered();
-                match batch {
-                    Some(batch) => batch,
-                    None => return Next::Idle,
-                }
+    /// The main loop; see [`Relay::run`].
+    async fn pipeline(&self, shutdown: &CancellationToken) -> Stopped {
+        // Claims and batches in flight, polled together by this task.
+        let mut work: FuturesUnordered<Pin<Box<dyn Future<Output = Done> + Send + '_>>> =
+            FuturesUnordered::new();
+        let mut claiming = false;
+        // Leases of the batches in flight (released if shutdown times out).
+        let mut leases: Vec<Lease> = Vec::new();
+        // Whether to claim as soon as there is room: after a full batch, a settled batch, a
+        // wake-up or a poll tick; not after a claim came back short.
+        let mut want_claim = true;
+        // Set while the broker or the database is failing: no claims until then.
+        let mut paused_until: Option<Instant> = None;
+        // Set once shutdown is requested: the in-flight work must end by then.
+        let mut deadline: Option<Instant> = None;
+        let mut poll = tokio::time::interval(self.poll_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut summary = tokio::time::interval(self.summary_interval);
+        summary.reset();
+
+        loop {
+            if deadline.is_none()
+                && paused_until.is_none()
+                && want_claim
+                && !claiming
+                && leases.len() < self.max_in_flight
+            {
+                claiming = true;
+                want_claim = false;
+                work.push(Box::pin(async {
+                    Done::Claimed(self.store.claim(self.batch_size, self.lease_duration).await)
+                }));
             }
-            Err(err) => return Next::Pause(self.database_failed(&err)),
-        };
-        let full = batch.rows.len() == self.batch_size as usize;
-        let started = Instant::now();
-        let deadline = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(self.shutdown_timeout).await;
-        };
-        let settled = tokio::select! {
-            biased;
-            settled = self.publish_and_settle(&batch) => settled,
-            () = deadline => None,
-        };
-        let Some(settled) = settled else {
-            self.abandon(&batch).await;
-            return Next::Abandoned;
-        };
-        tracing::debug!(
-            rows = batch.rows.len(),
-            acked = settled.acked,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "batch settled"
-        );
-        match settled.broker_error {
-            Some((class, error)) => {
-                let (streak, first) = self.broker.failed();
-                if first {
-                    if class == ErrorClass::Fatal {
-                        tracing::error!(error = %error, "broker producer failed, pausing publishing");
-                    } else {
-                        tracing::warn!(error = %error, "broker unavailable, pausing publishing");
+            if deadline.is_some() && work.is_empty() {
+                return Stopped::Clean;
+            }
+            tokio::select! {
+                biased;
+                // 1. Shutdown: stop claiming; in-flight work gets `shutdown_timeout`.
+                () = shutdown.cancelled(), if deadline.is_none() => {
+                    deadline = Some(Instant::now() + self.shutdown_timeout);
+                }
+                () = sleep_until_opt(deadline), if deadline.is_some() => {
+                    drop(work);
+                    self.abandon(&leases).await;
+                    return Stopped::Abandoned;
+                }
+                // 2. Finished work.
+                Some(done) = work.next(), if !work.is_empty() => match done {
+                    Done::Claimed(Ok(Some(batch))) => {
+                        claiming = false;
+                        self.database.recovered();
+                        want_claim = batch.rows.len() == self.batch_size as usize;
+                        leases.push(batch.lease);
+                        work.push(Box::pin(self.publish_and_settle(batch)));
                     }
+                    Done::Claimed(Ok(None)) => {
+                        claiming = false;
+                        self.database.recovered();
+                    }
+                    Done::Claimed(Err(err)) => {
+                        claiming = false;
+                        paused_until = Some(Instant::now() + self.database_failed(&err));
+                    }
+                    Done::Settled { lease, broker_error } => {
+                        leases.retain(|l| *l != lease);
+                        // Settling frees the batch's aggregates: their next rows may be due.
+                        want_claim = true;
+                        if let Some((class, error)) = broker_error {
+                            paused_until = Some(Instant::now() + self.broker_failed(class, &error));
+                        }
+                    }
+                },
+                // 3. End of a pause.
+                () = sleep_until_opt(paused_until), if paused_until.is_some() => {
+                    paused_until = None;
+                    want_claim = true;
                 }
-                Next::Pause(backoff::delay(
-                    streak,
-                    self.retry.initial_backoff,
-                    self.retry.max_backoff,
-                ))
+                // 4. Wake-ups: NOTIFY, the poll timer, the summary timer.
+                () = self.wakeup.notified(), if !want_claim => want_claim = true,
+                _ = poll.tick(), if !want_claim => want_claim = true,
+                _ = summary.tick() => self.summary(true).await,
             }
-            None if full => Next::Drain,
-            None => Next::Idle,
         }
     }
 
-    /// Publishes the batch and records every row's outcome. `None` when recording failed for
-    /// longer than the lease allows (the rows are published again later).
-    async fn publish_and_settle(&self, batch: &Batch) -> Option<Settled> {
+    /// Records a batch's broker failure; returns how long to pause.
+    fn broker_failed(&self, class: ErrorClass, error: &str) -> Duration {
+        let (streak, first) = self.broker.failed();
+        if first {
+            if class == ErrorClass::Fatal {
+                tracing::error!(error = %error, "broker producer failed, pausing publishing");
+            } else {
+                tracing::warn!(error = %error, "broker unavailable, pausing publishing");
+            }
+        }
+        backoff::delay(streak, self.retry.initial_backoff, self.retry.max_backoff)
+    }
+
+    /// Publishes the batch and records every row's outcome.
+    async fn publish_and_settle(&self, batch: Batch) -> Done {
+        let started = Instant::now();
+        let settled = self.settle_batch(&batch).await;
+        tracing::debug!(
+            rows = batch.rows.len(),
+            acked = settled.as_ref().map_or(0, |s| s.acked),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "batch settled"
+        );
+        Done::Settled {
+            lease: batch.lease,
+            broker_error: settled.and_then(|s| s.broker_error),
+        }
+    }
+
+    /// Publishes and records. `None` when recording failed for longer than the lease allows
+    /// (the rows are published again later).
+    async fn settle_batch(&self, batch: &Batch) -> Option<Settled> {
         let outcomes = self.sink.publish(&batch.rows).await;
         let mut acked = Vec::new();
         let mut failures = Vec::new();
@@ -425,26 +480,25 @@ impl Relay {
         }
     }
 
-    /// Shutdown deadline passed mid-batch: give the rows back so the next owner need not wait
-    /// for the lease. Rows already marked are untouched (the statement is fenced by the lease).
-    async fn abandon(&self, batch: &Batch) {
-        let ids: Vec<i64> = batch.rows.iter().map(|r| r.id).collect();
-        let released = tokio::time::timeout(
-            Duration::from_secs(2),
-            self.store.release(&ids, batch.lease, None),
-        )
-        .await;
-        match released {
-            Ok(Ok(rows)) => tracing::warn!(
-                released = rows,
-                "shutdown timeout reached with a batch in flight; its unacknowledged rows were released and may be published twice"
-            ),
-            Ok(Err(err)) => {
-                tracing::error!(error = %ErrorChain(&err), "shutdown timeout reached; could not release the in-flight rows, they wait for their lease to expire")
+    /// Shutdown deadline passed with batches in flight: give their rows back so the next owner
+    /// need not wait for the lease. Rows already marked are untouched (fenced by the lease).
+    async fn abandon(&self, leases: &[Lease]) {
+        for lease in leases {
+            let released =
+                tokio::time::timeout(Duration::from_secs(2), self.store.release_lease(*lease))
+                    .await;
+            match released {
+                Ok(Ok(rows)) => tracing::warn!(
+                    released = rows,
+                    "shutdown timeout reached with a batch in flight; its unacknowledged rows were released and may be published twice"
+                ),
+                Ok(Err(err)) => {
+                    tracing::error!(error = %ErrorChain(&err), "shutdown timeout reached; could not release the in-flight rows, they wait for their lease to expire")
+                }
+                Err(_) => tracing::error!(
+                    "shutdown timeout reached; releasing the in-flight rows timed out, they wait for their lease to expire"
+                ),
             }
-            Err(_) => tracing::error!(
-                "shutdown timeout reached; releasing the in-flight rows timed out, they wait for their lease to expire"
-            ),
         }
     }
 
