@@ -256,3 +256,22 @@ async fn relay_keeps_retrying_an_unreachable_database() {
         "{logs}"
     );
 }
+
+#[tokio::test]
+async fn one_environment_variable_switches_the_broker() {
+    // GIVEN a config for Kafka that also has a [sink.rabbitmq] section
+    let outbox = Outbox::new().await;
+    let config = outbox.config_file();
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("kind = \"kafka\"") && text.contains("[sink.rabbitmq]"));
+    // WHEN OUTBOX_RELAY__SINK__KIND=rabbitmq is set
+    let out = run_binary(
+        &config,
+        &["check"],
+        &[("OUTBOX_RELAY__SINK__KIND", "rabbitmq")],
+    );
+    // THEN the relay talks to RabbitMQ instead
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert!(out.stdout.contains("rabbitmq: reachable"), "{out:?}");
+    assert!(!out.stdout.contains("kafka: reachable"), "{out:?}");
+}

@@ -46,6 +46,11 @@ async fn sigterm_settles_the_in_flight_batch_and_exits_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn two_instances_publish_each_event_once_in_order() {
+    scenarios::two_instances_publish_each_event_once_in_order(Broker::Kafka).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_broker_outage_does_not_use_up_attempts() {
     scenarios::a_broker_outage_does_not_use_up_attempts(Broker::Kafka).await;
 }

@@ -45,6 +45,11 @@ async fn sigterm_settles_the_in_flight_batch_and_exits_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn two_instances_publish_each_event_once_in_order() {
+    scenarios::two_instances_publish_each_event_once_in_order(Broker::RabbitMq).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_broker_outage_does_not_use_up_attempts() {
     scenarios::a_broker_outage_does_not_use_up_attempts(Broker::RabbitMq).await;
 }
@@ -237,4 +242,43 @@ async fn an_oversized_row_is_dead_lettered_while_its_neighbours_flow() {
         !relay.logs().contains("xxxxxxxxxx"),
         "payloads are never logged"
     );
+}
+
+/// Clears RabbitMQ's memory alarm when the test ends, even on failure.
+struct MemoryAlarm;
+
+impl Drop for MemoryAlarm {
+    fn drop(&mut self) {
+        rabbit::rabbitmqctl(&["set_vm_memory_high_watermark", "0.4"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resource_alarm_ends_in_a_confirm_timeout_not_a_hang() {
+    // GIVEN exclusive use of RabbitMQ and a relay with a 2 s confirm timeout
+    let mut outbox = Outbox::unmigrated().await;
+    outbox.exclusive_rabbitmq().await;
+    outbox.migrate().success();
+    outbox
+        .rabbitmq
+        .insert("confirm_timeout", "\"2s\"".to_owned());
+    let queue = outbox.bind_queue("order").await;
+
+    // WHEN the broker raises a memory alarm (publishers blocked) and events arrive
+    rabbit::rabbitmqctl(&["set_vm_memory_high_watermark", "0.0000001"]);
+    let alarm = MemoryAlarm;
+    let relay = outbox.start();
+    outbox.insert("order", "o-1", 0..5).await;
+
+    // THEN the relay reports the stall as an outage instead of hanging, and marks nothing
+    relay
+        .wait_for_log("no publisher confirm within the confirm timeout", WAIT)
+        .await;
+    assert_eq!(outbox.counts().await.0, 0, "nothing marked while blocked");
+
+    // AND once the alarm clears, every event is published
+    drop(alarm);
+    outbox.wait_all_published(WAIT).await;
+    let mut reader = Reader::RabbitMq(Box::new(QueueReader::new(&queue).await));
+    reader.read_distinct(5, WAIT).await;
 }
