@@ -12,6 +12,7 @@ COPY src ./src
 COPY migrations ./migrations
 COPY config ./config
 COPY tests ./tests
+COPY benches ./benches
 RUN cargo build --release --locked --bin outbox-relay
 
 FROM debian:bookworm-slim AS runtime
