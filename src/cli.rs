@@ -1,4 +1,4 @@
-//! The command line: `outbox-relay [-c PATH] run | migrate | check`.
+//! The command line: `outbox-relay [-c PATH] run | migrate | check | status [--json]`.
 //!
 //! Exit codes: 0 success; 2 bad usage or invalid configuration (reported before any connection
 //! is made); 1 runtime failure.
@@ -41,6 +41,13 @@ enum Command {
     Migrate,
     /// Validate the configuration, connect to the database and the broker, verify the table.
     Check,
+    /// Show the outbox's state: pending, in flight, retrying, parked and dead rows, and the
+    /// oldest pending age.
+    Status {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 const EXIT_RUNTIME: u8 = 1;
@@ -76,6 +83,7 @@ pub fn execute(cli: Cli) -> ExitCode {
         Command::Run => runtime.block_on(run(&config)),
         Command::Migrate => runtime.block_on(migrate(&config)),
         Command::Check => runtime.block_on(check(&config)),
+        Command::Status { json } => runtime.block_on(status(&config, json)),
     };
     // Do not wait for blocking tasks (e.g. a producer flush that already timed out).
     runtime.shutdown_timeout(Duration::from_secs(1));
@@ -163,6 +171,58 @@ async fn migrate(config: &Config) -> u8 {
         Err(err) => {
             eprintln!(
                 "error: migrating table {table} failed: {}",
+                ErrorChain(&err)
+            );
+            EXIT_RUNTIME
+        }
+    }
+}
+
+async fn status(config: &Config, json: bool) -> u8 {
+    let table = config.table();
+    let mut conn = match connect(config).await {
+        Ok(conn) => conn,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return EXIT_RUNTIME;
+        }
+    };
+    match store::status(&mut conn, &table).await {
+        Ok(status) if json => {
+            println!(
+                "{}",
+                serde_json::json!({ "table": table.to_string(), "status": status })
+            );
+            0
+        }
+        Ok(s) => {
+            println!("table {table}");
+            println!("  pending    {:>10}", s.pending);
+            println!("  in flight  {:>10}", s.in_flight);
+            println!("  retrying   {:>10}", s.retrying);
+            println!(
+                "  parked     {:>10}  (held back behind a waiting row of their aggregate)",
+                s.parked
+            );
+            println!("  dead       {:>10}", s.dead);
+            match s.oldest_pending_age_s {
+                Some(age) => println!(
+                    "  oldest pending: {}",
+                    humantime::format_duration(Duration::from_secs_f64(age.max(0.0)))
+                ),
+                None => println!("  oldest pending: none"),
+            }
+            0
+        }
+        Err(err) => {
+            let hint = if err.as_database_error().and_then(|e| e.code()).as_deref() == Some("42P01")
+            {
+                " (run `outbox-relay migrate`)"
+            } else {
+                ""
+            };
+            eprintln!(
+                "error: cannot read the outbox state: {}{hint}",
                 ErrorChain(&err)
             );
             EXIT_RUNTIME

@@ -275,3 +275,41 @@ async fn one_environment_variable_switches_the_broker() {
     assert!(out.stdout.contains("rabbitmq: reachable"), "{out:?}");
     assert!(!out.stdout.contains("kafka: reachable"), "{out:?}");
 }
+
+#[tokio::test]
+async fn status_counts_rows_by_state() {
+    // GIVEN rows in every state: published, pending, leased, retrying, parked behind a
+    // retrying row of the same aggregate, and dead
+    let outbox = Outbox::new().await;
+    outbox.insert("order", "published", 0..2).await;
+    outbox.insert("order", "pending", 0..3).await;
+    outbox.insert("order", "leased", 0..1).await;
+    outbox.insert("order", "retrying", 0..3).await;
+    outbox.insert("order", "dead", 0..1).await;
+    outbox
+        .exec(
+            "update {table} set published_at = now() where aggregate_id = 'published';
+             update {table} set next_attempt_at = now() + interval '1 minute', attempts = 1
+               where aggregate_id = 'leased';
+             update {table} set next_attempt_at = now() + interval '1 minute', attempts = 2,
+                    last_error = 'boom'
+               where aggregate_id = 'retrying' and (payload->>'seq')::int = 0;
+             update {table} set dead_lettered_at = now(), last_error = 'boom'
+               where aggregate_id = 'dead';",
+        )
+        .await;
+    // WHEN status runs
+    let out = outbox.command(&["status", "--json"]).success();
+    // THEN it reports each state
+    let json: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("JSON");
+    let status = &json["status"];
+    assert_eq!(status["pending"], 7, "{json}");
+    assert_eq!(status["in_flight"], 1, "{json}");
+    assert_eq!(status["retrying"], 1, "{json}");
+    assert_eq!(status["parked"], 2, "{json}");
+    assert_eq!(status["dead"], 1, "{json}");
+    assert!(status["oldest_pending_age_s"].as_f64().unwrap() >= 0.0);
+    // AND the text form says the same
+    let text = outbox.command(&["status"]).success();
+    assert!(text.stdout.contains("parked"), "{text:?}");
+}

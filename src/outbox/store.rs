@@ -297,6 +297,62 @@ impl Store {
     }
 }
 
+/// What `outbox-relay status` reports.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct Status {
+    /// Unpublished, not dead-lettered rows.
+    pub(crate) pending: i64,
+    /// Pending rows leased by an instance right now (no earlier failure).
+    pub(crate) in_flight: i64,
+    /// Pending rows that failed and wait for their next attempt.
+    pub(crate) retrying: i64,
+    /// Due rows held back behind a waiting row of their aggregate.
+    pub(crate) parked: i64,
+    /// Dead-lettered rows (not published).
+    pub(crate) dead: i64,
+    /// Age of the oldest pending row, in seconds.
+    pub(crate) oldest_pending_age_s: Option<f64>,
+}
+
+/// Counts rows by state (scans the unpublished part of the table; meant for humans and scripts,
+/// not for a hot loop).
+pub(crate) async fn status(
+    conn: &mut sqlx::PgConnection,
+    table: &Table,
+) -> Result<Status, sqlx::Error> {
+    let t = table.quoted();
+    let row = sqlx::query(AssertSqlSafe(format!(
+        "with unpublished as (
+             select aggregate_id, created_at, next_attempt_at, last_error, dead_lettered_at
+             from {t} where published_at is null
+         ),
+         waiting as (
+             select distinct aggregate_id from unpublished
+             where dead_lettered_at is null and next_attempt_at > now()
+         )
+         select
+             count(*) filter (where dead_lettered_at is null),
+             count(*) filter (where dead_lettered_at is null and next_attempt_at > now() and last_error is null),
+             count(*) filter (where dead_lettered_at is null and next_attempt_at > now() and last_error is not null),
+             count(*) filter (where dead_lettered_at is null
+                                and (next_attempt_at is null or next_attempt_at <= now())
+                                and aggregate_id in (select aggregate_id from waiting)),
+             count(*) filter (where dead_lettered_at is not null),
+             extract(epoch from now() - min(created_at) filter (where dead_lettered_at is null))::float8
+         from unpublished"
+    )))
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Status {
+        pending: row.try_get(0)?,
+        in_flight: row.try_get(1)?,
+        retrying: row.try_get(2)?,
+        parked: row.try_get(3)?,
+        dead: row.try_get(4)?,
+        oldest_pending_age_s: row.try_get(5)?,
+    })
+}
+
 /// One failed attempt to record.
 #[derive(Debug)]
 pub(crate) struct Failure {
