@@ -106,8 +106,39 @@ async fn run(config: &Config) -> u8 {
             return EXIT_RUNTIME;
         }
     };
+    // The HTTP listener stops after the relay, so /readyz and /metrics answer during shutdown.
+    let http_stop = CancellationToken::new();
+    let http = match &config.http {
+        None => None,
+        Some(http) => {
+            let metrics = match crate::telemetry::install_metrics() {
+                Ok(handle) => handle,
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot install the metrics recorder");
+                    return EXIT_RUNTIME;
+                }
+            };
+            match crate::health::serve(http.listen, relay.health(), metrics, http_stop.clone())
+                .await
+            {
+                Ok(server) => Some(tokio::spawn(server)),
+                Err(err) => {
+                    tracing::error!(error = %err, listen = %http.listen, "cannot start the http listener");
+                    return EXIT_RUNTIME;
+                }
+            }
+        }
+    };
     let stopped = relay.run(shutdown).await;
     signals.abort();
+    http_stop.cancel();
+    if let Some(http) = http {
+        match http.await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::error!(error = %err, "http listener failed"),
+            Err(err) => tracing::error!(error = %err, "http listener task failed"),
+        }
+    }
     match stopped {
         Stopped::Clean => 0,
         Stopped::Abandoned => EXIT_RUNTIME,

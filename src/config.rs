@@ -36,6 +36,16 @@ pub struct Config {
     /// Log output.
     #[serde(default)]
     pub log: LogConfig,
+    /// Health and metrics endpoints; absent: no listener.
+    pub http: Option<HttpConfig>,
+}
+
+/// `[http]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of the listener serving `/healthz`, `/readyz` and `/metrics`, e.g. `0.0.0.0:9187`.
+    pub listen: std::net::SocketAddr,
 }
 
 /// `[database]`

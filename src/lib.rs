@@ -8,15 +8,17 @@
 //! # Layout
 //! - [`cli`]: the `outbox-relay` command line (`run`, `migrate`, `check`) and exit codes.
 //! - [`config`]: the TOML + environment configuration, its defaults and validation.
+//! - [`health`]: the optional HTTP listener: `/healthz`, `/readyz`, `/metrics`.
 //! - `outbox`: the outbox table: its validated name, rows, every SQL statement (claim, mark,
 //!   retry, release), `migrate`, the schema check, and the LISTEN wake-up task.
 //! - `publisher`: the delivery contract (`publisher::Publisher`) and the sinks (Kafka).
 //! - [`relay`]: the main loop: claim → publish → settle, drain mode, backoff, outage handling.
 //! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token.
-//! - [`telemetry`]: logging setup and error-chain display.
+//! - [`telemetry`]: logging, metric names and the Prometheus recorder, error-chain display.
 
 pub mod cli;
 pub mod config;
+pub mod health;
 pub(crate) mod outbox;
 pub(crate) mod publisher;
 pub mod relay;

@@ -54,3 +54,49 @@ impl fmt::Display for ErrorChain<'_> {
         Ok(())
     }
 }
+
+/// Metric names, all exported on `/metrics` when `[http] listen` is set.
+pub mod metric {
+    /// Counter, labels `sink`, `destination`: rows marked published.
+    pub const EVENTS_PUBLISHED: &str = "outbox_relay_events_published_total";
+    /// Counter, labels `sink`, `destination`: failed attempts that count against a row's budget.
+    pub const EVENTS_FAILED: &str = "outbox_relay_events_failed_total";
+    /// Counter, labels `sink`, `destination`: rows dead-lettered.
+    pub const EVENTS_DEAD_LETTERED: &str = "outbox_relay_events_dead_lettered_total";
+    /// Counter, labels `sink`, `class` (`transient`, `permanent`, `fatal`): publish errors.
+    pub const PUBLISH_ERRORS: &str = "outbox_relay_publish_errors_total";
+    /// Counter, label `dependency` (`database`, `broker`): outages begun (each one is followed
+    /// by a reconnect).
+    pub const OUTAGES: &str = "outbox_relay_outages_total";
+    /// Gauge: unpublished, not dead-lettered rows (refreshed every 10 s).
+    pub const PENDING_ROWS: &str = "outbox_relay_pending_rows";
+    /// Gauge: age of the oldest pending row in seconds (refreshed every 10 s).
+    pub const OLDEST_PENDING_AGE: &str = "outbox_relay_oldest_pending_age_seconds";
+    /// Histogram, label `sink`: from the row's `created_at` to the broker's acknowledgement.
+    pub const PUBLISH_LATENCY: &str = "outbox_relay_publish_latency_seconds";
+    /// Histogram, label `sink`: rows per claimed batch.
+    pub const BATCH_SIZE: &str = "outbox_relay_batch_size";
+    /// Histogram, label `sink`: publish + settle time of a batch.
+    pub const BATCH_DURATION: &str = "outbox_relay_batch_duration_seconds";
+    /// Gauge: batches this instance holds leases for (its share of the table's work).
+    pub const BATCHES_IN_FLIGHT: &str = "outbox_relay_batches_in_flight";
+    /// Gauge: 1 while `/readyz` would answer ready.
+    pub const READY: &str = "outbox_relay_ready";
+}
+
+/// Installs the global Prometheus recorder; metrics macros are no-ops without it.
+pub fn install_metrics()
+-> Result<metrics_exporter_prometheus::PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let seconds = [
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        300.0,
+    ];
+    let rows = [
+        1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+    ];
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), &seconds)?
+        .set_buckets_for_metric(Matcher::Full(metric::BATCH_SIZE.to_owned()), &rows)?
+        .install_recorder()
+}

@@ -62,6 +62,11 @@ impl KafkaPublisher {
         Ok(Self { producer, topic })
     }
 
+    /// The topic `row` goes to.
+    pub(crate) fn topic(&self, row: &OutboxRow) -> String {
+        self.topic.render(row)
+    }
+
     /// Asks the cluster for its metadata: proves the brokers are reachable.
     pub(crate) async fn probe(&self, timeout: Duration) -> Result<Vec<String>, KafkaError> {
         let producer = self.producer.clone();

@@ -169,6 +169,33 @@ impl Publisher for Sink {
     }
 }
 
+impl Sink {
+    /// Where `row` goes (topic or exchange), for metrics labels.
+    pub(crate) fn destination(&self, row: &OutboxRow) -> String {
+        match self {
+            Self::Kafka(kafka) => kafka.topic(row),
+            Self::RabbitMq(rabbit) => rabbit.exchange(row),
+            Self::Discard => "discard".to_owned(),
+        }
+    }
+
+    /// Checks that the broker answers (for readiness while no events flow).
+    pub(crate) async fn probe(&self, timeout: Duration) -> Result<(), String> {
+        match self {
+            Self::Kafka(kafka) => kafka
+                .probe(timeout)
+                .await
+                .map(|_| ())
+                .map_err(|err| crate::telemetry::ErrorChain(&err).to_string()),
+            Self::RabbitMq(rabbit) => rabbit
+                .probe(timeout)
+                .await
+                .map_err(|err| crate::telemetry::ErrorChain(&err).to_string()),
+            Self::Discard => Ok(()),
+        }
+    }
+}
+
 impl fmt::Display for Sink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -91,6 +91,11 @@ impl RabbitMqPublisher {
         }
     }
 
+    /// The exchange `row` goes to.
+    pub(crate) fn exchange(&self, row: &OutboxRow) -> String {
+        self.exchange.render(row)
+    }
+
     /// Opens a connection and a confirm channel: proves the broker is reachable (for `check`).
     pub(crate) async fn probe(&self, timeout: Duration) -> Result<(), PublishError> {
         let mut session = self.session.lock().await;

@@ -8,6 +8,7 @@
 
 pub(crate) mod backoff;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,12 +22,13 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError, RetryConfig, SinkKind};
+use crate::health::Health;
 use crate::outbox::store::{self, Failure, Store, StoreError};
 use crate::outbox::{Batch, Lease, Table, listener};
 use crate::publisher::kafka::KafkaPublisher;
 use crate::publisher::rabbitmq::RabbitMqPublisher;
 use crate::publisher::{ErrorClass, Publisher, Sink};
-use crate::telemetry::ErrorChain;
+use crate::telemetry::{ErrorChain, metric};
 
 /// How the relay run ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -64,6 +66,8 @@ pub struct Relay {
     /// Outage bookkeeping so an outage is logged once when it starts and once when it ends.
     database: Outage,
     broker: Outage,
+    /// Readiness state, served on `/readyz` when the HTTP listener is on.
+    health: Arc<Health>,
 }
 
 #[derive(Debug, Default)]
@@ -109,9 +113,16 @@ impl Outage {
     }
 }
 
+/// How often the backlog gauges are refreshed and, when idle, the broker is probed.
+const BACKLOG_INTERVAL: Duration = Duration::from_secs(10);
+/// How long an idle-time broker probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Work the relay task polls: a claim, or a batch being published and settled.
 enum Done {
     Claimed(Result<Option<Batch>, StoreError>),
+    /// The idle-time broker probe's outcome.
+    Probed(Result<(), String>),
     Settled {
         lease: Lease,
         /// The first transient or fatal broker error of the batch: pause.
@@ -187,7 +198,13 @@ impl Relay {
             stats: Stats::default(),
             database: Outage::new("database"),
             broker: Outage::new("broker"),
+            health: Arc::new(Health::new(config.relay.poll_interval)),
         })
+    }
+
+    /// Readiness state for the HTTP listener.
+    pub fn health(&self) -> Arc<Health> {
+        Arc::clone(&self.health)
     }
 
     /// The configured sink (for `check`).
@@ -260,6 +277,10 @@ impl Relay {
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut summary = tokio::time::interval(self.summary_interval);
         summary.reset();
+        // Backlog gauges, and a broker probe while idle (so readiness notices a broker that
+        // went away while no events flowed).
+        let mut backlog = tokio::time::interval(BACKLOG_INTERVAL);
+        let mut probing = false;
 
         loop {
             if deadline.is_none()
@@ -292,14 +313,24 @@ impl Relay {
                 Some(done) = work.next(), if !work.is_empty() => match done {
                     Done::Claimed(Ok(Some(batch))) => {
                         claiming = false;
-                        self.database.recovered();
+                        self.database_ok();
                         want_claim = batch.rows.len() == self.batch_size as usize;
                         leases.push(batch.lease);
+                        metrics::gauge!(metric::BATCHES_IN_FLIGHT).set(leases.len() as f64);
                         work.push(Box::pin(self.publish_and_settle(batch)));
                     }
                     Done::Claimed(Ok(None)) => {
                         claiming = false;
-                        self.database.recovered();
+                        self.database_ok();
+                    }
+                    Done::Probed(outcome) => {
+                        probing = false;
+                        match outcome {
+                            Ok(()) => self.broker_ok(),
+                            Err(error) => {
+                                paused_until = Some(Instant::now() + self.broker_failed(ErrorClass::Transient, &error));
+                            }
+                        }
                     }
                     Done::Claimed(Err(err)) => {
                         claiming = false;
@@ -307,6 +338,7 @@ impl Relay {
                     }
                     Done::Settled { lease, broker_error } => {
                         leases.retain(|l| *l != lease);
+                        metrics::gauge!(metric::BATCHES_IN_FLIGHT).set(leases.len() as f64);
                         // Settling frees the batch's aggregates: their next rows may be due.
                         want_claim = true;
                         if let Some((class, error)) = broker_error {
@@ -323,14 +355,53 @@ impl Relay {
                 () = self.wakeup.notified(), if !want_claim => want_claim = true,
                 _ = poll.tick(), if !want_claim => want_claim = true,
                 _ = summary.tick() => self.summary(true).await,
+                _ = backlog.tick() => {
+                    self.refresh_backlog().await;
+                    if leases.is_empty() && !probing && deadline.is_none() && paused_until.is_none() {
+                        probing = true;
+                        work.push(Box::pin(async { Done::Probed(self.sink.probe(PROBE_TIMEOUT).await) }));
+                    }
+                }
             }
         }
     }
 
+    fn database_ok(&self) {
+        self.database.recovered();
+        self.health.database(true);
+        self.update_ready();
+    }
+
+    fn broker_ok(&self) {
+        self.broker.recovered();
+        self.health.broker(true);
+        self.update_ready();
+    }
+
+    fn update_ready(&self) {
+        let ready = self.health.readiness().is_ok();
+        metrics::gauge!(metric::READY).set(if ready { 1.0 } else { 0.0 });
+    }
+
+    /// Pending rows and oldest pending age, for the gauges.
+    async fn refresh_backlog(&self) {
+        if let Ok((pending, oldest)) = self.store.pending().await {
+            metrics::gauge!(metric::PENDING_ROWS).set(pending as f64);
+            let age = oldest.map_or(0.0, |t| {
+                (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0
+            });
+            metrics::gauge!(metric::OLDEST_PENDING_AGE).set(age);
+        }
+        self.update_ready();
+    }
+
     /// Records a batch's broker failure; returns how long to pause.
     fn broker_failed(&self, class: ErrorClass, error: &str) -> Duration {
+        self.health.broker(false);
+        self.update_ready();
         let (streak, first) = self.broker.failed();
         if first {
+            metrics::counter!(metric::OUTAGES, "dependency" => "broker").increment(1);
             if class == ErrorClass::Fatal {
                 tracing::error!(error = %error, "broker producer failed, pausing publishing");
             } else {
@@ -344,6 +415,11 @@ impl Relay {
     async fn publish_and_settle(&self, batch: Batch) -> Done {
         let started = Instant::now();
         let settled = self.settle_batch(&batch).await;
+        let sink = self.sink.to_string();
+        metrics::histogram!(metric::BATCH_SIZE, "sink" => sink.clone())
+            .record(batch.rows.len() as f64);
+        metrics::histogram!(metric::BATCH_DURATION, "sink" => sink)
+            .record(started.elapsed().as_secs_f64());
         tracing::debug!(
             rows = batch.rows.len(),
             acked = settled.as_ref().map_or(0, |s| s.acked),
@@ -375,6 +451,14 @@ impl Relay {
             };
             let attempt = u32::try_from(row.attempts).unwrap_or(0);
             let class = err.class();
+            if !err.is_collateral() {
+                let class_label = match class {
+                    ErrorClass::Transient => "transient",
+                    ErrorClass::Permanent => "permanent",
+                    ErrorClass::Fatal => "fatal",
+                };
+                metrics::counter!(metric::PUBLISH_ERRORS, "sink" => self.sink.to_string(), "class" => class_label).increment(1);
+            }
             let error = ErrorChain(&err).to_string();
             match (class, &err) {
                 (_, err) if err.is_collateral() => held_back.push(row.id),
@@ -408,7 +492,7 @@ impl Relay {
             }
         }
         if !acked.is_empty() {
-            self.broker.recovered();
+            self.broker_ok();
         }
         settled.acked = acked.len();
 
@@ -425,6 +509,7 @@ impl Relay {
             );
         }
         self.stats.published.fetch_add(marked, Ordering::Relaxed);
+        self.count_outcomes(batch, &acked, &failures);
         self.settle("retry", batch.lease, || {
             self.store.record_failures(&failures, batch.lease)
         })
@@ -446,6 +531,45 @@ impl Relay {
         })
         .await?;
         Some(settled)
+    }
+
+    /// Per-destination counters and the commit-to-ack latency of the acknowledged rows.
+    fn count_outcomes(&self, batch: &Batch, acked: &[i64], failures: &[Failure]) {
+        let sink = self.sink.to_string();
+        let now = Utc::now();
+        let mut published: HashMap<String, u64> = HashMap::new();
+        let mut failed: HashMap<(String, bool), u64> = HashMap::new();
+        let latency = metrics::histogram!(metric::PUBLISH_LATENCY, "sink" => sink.clone());
+        let mut acked = acked.iter().peekable();
+        let mut failures = failures.iter().peekable();
+        for row in &batch.rows {
+            if acked.next_if(|id| **id == row.id).is_some() {
+                *published.entry(self.sink.destination(row)).or_default() += 1;
+                latency.record(
+                    (now - row.created_at)
+                        .num_microseconds()
+                        .unwrap_or(0)
+                        .max(0) as f64
+                        / 1e6,
+                );
+            } else if let Some(failure) = failures.next_if(|f| f.id == row.id) {
+                *failed
+                    .entry((self.sink.destination(row), failure.dead))
+                    .or_default() += 1;
+            }
+        }
+        for (destination, n) in published {
+            metrics::counter!(metric::EVENTS_PUBLISHED, "sink" => sink.clone(), "destination" => destination).increment(n);
+        }
+        for ((destination, dead), n) in failed {
+            let name = if dead {
+                metric::EVENTS_DEAD_LETTERED
+            } else {
+                metric::EVENTS_FAILED
+            };
+            metrics::counter!(name, "sink" => sink.clone(), "destination" => destination)
+                .increment(n);
+        }
     }
 
     /// Runs a settling statement, retrying database errors until the lease is about to expire.
@@ -503,8 +627,11 @@ impl Relay {
     }
 
     fn database_failed(&self, err: &StoreError) -> Duration {
+        self.health.database(false);
+        self.update_ready();
         let (streak, first) = self.database.failed();
         if first {
+            metrics::counter!(metric::OUTAGES, "dependency" => "database").increment(1);
             match err.hint() {
                 Some(hint) => {
                     tracing::error!(error = %ErrorChain(err), hint, "database unavailable, retrying")

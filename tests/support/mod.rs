@@ -122,6 +122,8 @@ pub struct Outbox {
     pub kafka: BTreeMap<&'static str, String>,
     pub kafka_properties: BTreeMap<&'static str, String>,
     pub rabbitmq: BTreeMap<&'static str, String>,
+    /// `[http] listen` address, when set.
+    pub http: Option<std::net::SocketAddr>,
     pub dir: tempfile::TempDir,
     /// Held for the test's duration: shared for ordinary RabbitMQ tests, exclusive for tests
     /// that restart or reconfigure the broker.
@@ -213,6 +215,7 @@ impl Outbox {
         Self {
             broker: Broker::Kafka,
             rabbitmq,
+            http: None,
             _rabbit_guard: None,
             pool: pool().await,
             topic_prefix: table.replace('_', "-"),
@@ -270,6 +273,9 @@ impl Outbox {
             section("sink.kafka.properties", &self.kafka_properties),
             section("sink.rabbitmq", &rabbitmq),
             "[log]\nformat = \"text\"\nlevel = \"info,outbox_relay=debug\"\n".to_owned(),
+            self.http
+                .map(|addr| format!("[http]\nlisten = \"{addr}\"\n"))
+                .unwrap_or_default(),
         ]
         .join("\n");
         // Written aside and renamed, so concurrent commands never read a half-written file.
@@ -524,4 +530,41 @@ impl Reader {
             Self::RabbitMq(r) => r.read_for(period).await.to_vec(),
         }
     }
+}
+
+/// A loopback address with a port nobody listens on (the OS picked it and it was released).
+pub fn free_address() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address")
+}
+
+/// `GET path` over HTTP/1.1 (no client library needed); returns the status code and body, or
+/// `None` when nothing answers.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Some((status, body))
+}
+
+/// The value of the first sample of `metric` whose labels contain every `label=value` given.
+pub fn metric_value(exposition: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
