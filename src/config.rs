@@ -38,6 +38,64 @@ pub struct Config {
     pub log: LogConfig,
     /// Health and metrics endpoints; absent: no listener.
     pub http: Option<HttpConfig>,
+    /// Deletion of old published (and, optionally, dead-lettered) rows.
+    #[serde(default)]
+    pub retention: RetentionConfig,
+}
+
+/// `[retention]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Delete rows published longer ago than this; `"off"` keeps them. Default `7d`.
+    #[serde(
+        default = "default_retention_published",
+        deserialize_with = "duration_or_off"
+    )]
+    pub published: Option<Duration>,
+    /// Delete rows dead-lettered longer ago than this; `"off"` keeps them. Default `off`.
+    #[serde(default, deserialize_with = "duration_or_off")]
+    pub dead: Option<Duration>,
+    /// How often to look for rows to delete. Default 1m.
+    #[serde(default = "default_retention_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Rows per delete statement (each its own short transaction). Default 1000.
+    #[serde(default = "default_retention_batch_size")]
+    pub batch_size: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            published: default_retention_published(),
+            dead: None,
+            interval: default_retention_interval(),
+            batch_size: default_retention_batch_size(),
+        }
+    }
+}
+
+fn default_retention_published() -> Option<Duration> {
+    Some(Duration::from_secs(7 * 24 * 3600))
+}
+fn default_retention_interval() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_retention_batch_size() -> u32 {
+    1000
+}
+
+/// A humantime duration, or `"off"`.
+fn duration_or_off<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    if text.trim().eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    humantime::parse_duration(text.trim())
+        .map(Some)
+        .map_err(|err| {
+            serde::de::Error::custom(format!("expected a duration like \"7d\" or \"off\": {err}"))
+        })
 }
 
 /// `[http]`
@@ -423,6 +481,25 @@ impl Config {
             }
         }
 
+        let retention = &self.retention;
+        check_duration(
+            "retention.interval",
+            retention.interval,
+            Duration::from_millis(100),
+        )?;
+        if !(1..=100_000).contains(&retention.batch_size) {
+            return Err(invalid(
+                "retention.batch_size",
+                "must be between 1 and 100000",
+            ));
+        }
+        if let Some(published) = retention.published {
+            check_duration("retention.published", published, Duration::from_secs(1))?;
+        }
+        if let Some(dead) = retention.dead {
+            check_duration("retention.dead", dead, Duration::from_secs(1))?;
+        }
+
         if !matches!(self.log.level.trim(), "") {
             tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|_| {
                 invalid(
@@ -578,6 +655,7 @@ fn check_duration(key: &str, value: Duration, min: Duration) -> Result<(), Confi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::ErrorChain;
 
     fn parse(toml: &str) -> Result<Config, ConfigError> {
         let raw = config::Config::builder()
@@ -608,6 +686,28 @@ mod tests {
         assert_eq!(config.retry.max_attempts, 10);
         assert_eq!(config.retry.max_backoff, Duration::from_secs(300));
         assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(
+            config.retention.published,
+            Some(Duration::from_secs(7 * 86_400))
+        );
+        assert_eq!(config.retention.dead, None);
+    }
+
+    #[test]
+    fn retention_accepts_off_and_names_bad_values() {
+        let off = MINIMAL.replace(
+            "[sink]",
+            "[retention]\npublished = \"off\"\ndead = \"30d\"\n[sink]",
+        );
+        let config = parse(&off).expect("valid");
+        assert_eq!(config.retention.published, None);
+        assert_eq!(
+            config.retention.dead,
+            Some(Duration::from_secs(30 * 86_400))
+        );
+        let bad = MINIMAL.replace("[sink]", "[retention]\npublished = \"a week\"\n[sink]");
+        let err = ErrorChain(&parse(&bad).expect_err("bad duration")).to_string();
+        assert!(err.contains("retention.published"), "{err}");
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //!   retry, release), `migrate`, the schema check, and the LISTEN wake-up task.
 //! - `publisher`: the delivery contract (`publisher::Publisher`) and the sinks (Kafka).
 //! - [`relay`]: the main loop: claim → publish → settle, drain mode, backoff, outage handling.
+//! - `retention`: bounded deletion of old published (and dead) rows, one instance at a time.
 //! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token.
 //! - [`telemetry`]: logging, metric names and the Prometheus recorder, error-chain display.
 
@@ -22,5 +23,6 @@ pub mod health;
 pub(crate) mod outbox;
 pub(crate) mod publisher;
 pub mod relay;
+pub(crate) mod retention;
 pub mod shutdown;
 pub mod telemetry;

@@ -80,6 +80,8 @@ pub mod metric {
     pub const BATCH_DURATION: &str = "outbox_relay_batch_duration_seconds";
     /// Gauge: batches this instance holds leases for (its share of the table's work).
     pub const BATCHES_IN_FLIGHT: &str = "outbox_relay_batches_in_flight";
+    /// Counter, label `rows` (`published`, `dead`): rows deleted by retention.
+    pub const RETENTION_DELETED: &str = "outbox_relay_retention_deleted_total";
     /// Gauge: 1 while `/readyz` would answer ready.
     pub const READY: &str = "outbox_relay_ready";
 }

@@ -114,3 +114,71 @@ impl Drop for RestartOnDrop {
         rabbit::rabbitmqctl(&["await_startup"]);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_deletes_only_old_published_and_old_dead_rows_while_the_relay_runs() {
+    // GIVEN rows published 8 days ago (more than one delete batch), rows published just now,
+    // old pending rows, and rows dead-lettered 8 days and 1 hour ago
+    let mut outbox = Outbox::for_broker(Broker::Kafka).await;
+    outbox.retention.insert("published", "\"7d\"".to_owned());
+    outbox.retention.insert("dead", "\"1d\"".to_owned());
+    outbox.retention.insert("interval", "\"200ms\"".to_owned());
+    outbox.retention.insert("batch_size", "500".to_owned());
+    let _reader = outbox.reader("order", 1).await;
+    outbox.insert("order", "old", 0..1_200).await;
+    outbox.insert("order", "recent", 0..5).await;
+    outbox.insert("order", "pending", 0..3).await;
+    outbox.insert("order", "dead-old", 0..2).await;
+    outbox.insert("order", "dead-recent", 0..2).await;
+    outbox
+        .exec(
+            "update {table} set published_at = now() - interval '8 days' where aggregate_id = 'old';
+             update {table} set published_at = now() where aggregate_id = 'recent';
+             update {table} set created_at = now() - interval '30 days' where aggregate_id = 'pending';
+             update {table} set dead_lettered_at = now() - interval '8 days' where aggregate_id = 'dead-old';
+             update {table} set dead_lettered_at = now() - interval '1 hour' where aggregate_id = 'dead-recent';",
+        )
+        .await;
+
+    // WHEN the relay runs with retention (published 7d, dead 1d)
+    let relay = outbox.start();
+    let count = |aggregate: &'static str| {
+        let outbox = &outbox;
+        async move {
+            sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!(
+                "select count(*) from {} where aggregate_id = $1",
+                outbox.table
+            )))
+            .bind(aggregate)
+            .fetch_one(&outbox.pool)
+            .await
+            .unwrap()
+        }
+    };
+    wait_until(WAIT, "old published rows deleted", || async {
+        count("old").await == 0 && count("dead-old").await == 0
+    })
+    .await;
+
+    // THEN only those were deleted; the pending rows were published meanwhile and kept
+    assert_eq!(count("recent").await, 5);
+    assert_eq!(count("dead-recent").await, 2);
+    wait_until(WAIT, "pending rows published", || async {
+        sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!(
+            "select count(published_at) from {} where aggregate_id = 'pending'",
+            outbox.table
+        )))
+        .fetch_one(&outbox.pool)
+        .await
+        .unwrap()
+            == 3
+    })
+    .await;
+    assert_eq!(count("pending").await, 3);
+    relay
+        .wait_for_log(
+            "retention deleted old rows rows=1200 kind=\"published\"",
+            WAIT,
+        )
+        .await;
+}

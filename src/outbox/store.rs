@@ -89,12 +89,16 @@ pub(crate) struct Store {
     pool: PgPool,
     /// Name of the claim advisory lock, hashed by PostgreSQL; one per table.
     lock_name: String,
+    /// Name of the retention advisory lock (one deleting instance per table).
+    retention_lock: String,
     claim: SqlStr,
     mark: SqlStr,
     retry: SqlStr,
     release: SqlStr,
     release_lease: SqlStr,
     pending: SqlStr,
+    delete_published: SqlStr,
+    delete_dead: SqlStr,
 }
 
 fn sql(text: String) -> SqlStr {
@@ -153,6 +157,20 @@ impl Store {
              set attempts = greatest(attempts - 1, 0), next_attempt_at = null
              where next_attempt_at = $1 and published_at is null"
         );
+        // Oldest rows first along the primary key: published rows cluster at the low ids, so
+        // each batch reads little beyond what it deletes. The try-lock makes one instance
+        // delete at a time; the others skip the round.
+        let delete = |condition: &str| {
+            format!(
+                "delete from {t} where id in (
+                     select id from {t}
+                     where {condition} < now() - $1 * interval '1 millisecond'
+                       and pg_try_advisory_xact_lock(hashtextextended($3, 0))
+                     order by id limit $2)"
+            )
+        };
+        let delete_published = delete("published_at");
+        let delete_dead = delete("published_at is null and dead_lettered_at");
         let pending = format!(
             "select count(*), min(created_at) from {t}
              where published_at is null and dead_lettered_at is null"
@@ -160,12 +178,15 @@ impl Store {
         Self {
             pool,
             lock_name: format!("outbox-relay:claim:{table}"),
+            retention_lock: format!("outbox-relay:retention:{table}"),
             claim: sql(claim),
             mark: sql(mark),
             retry: sql(retry),
             release: sql(release),
             release_lease: sql(release_lease),
             pending: sql(pending),
+            delete_published: sql(delete_published),
+            delete_dead: sql(delete_dead),
         }
     }
 
@@ -281,6 +302,31 @@ impl Store {
             .execute(&self.pool)
             .await
             .map_err(StoreError::new("release"))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Deletes up to `limit` rows published (or, with `dead`, dead-lettered) more than `age`
+    /// ago, in one short statement. Returns the rows deleted; 0 also when another instance
+    /// holds the retention lock.
+    pub(crate) async fn delete_older(
+        &self,
+        dead: bool,
+        age: Duration,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        let statement = if dead {
+            &self.delete_dead
+        } else {
+            &self.delete_published
+        };
+        let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+        let done = sqlx::query(statement.clone())
+            .bind(age_ms)
+            .bind(i64::from(limit))
+            .bind(&self.retention_lock)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::new("retention delete"))?;
         Ok(done.rows_affected())
     }
 

@@ -21,7 +21,7 @@ use chrono::Utc;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConfigError, RetryConfig, SinkKind};
+use crate::config::{Config, ConfigError, RetentionConfig, RetryConfig, SinkKind};
 use crate::health::Health;
 use crate::outbox::store::{self, Failure, Store, StoreError};
 use crate::outbox::{Batch, Lease, Table, listener};
@@ -68,6 +68,7 @@ pub struct Relay {
     broker: Outage,
     /// Readiness state, served on `/readyz` when the HTTP listener is on.
     health: Arc<Health>,
+    retention: RetentionConfig,
 }
 
 #[derive(Debug, Default)]
@@ -199,6 +200,7 @@ impl Relay {
             database: Outage::new("database"),
             broker: Outage::new("broker"),
             health: Arc::new(Health::new(config.relay.poll_interval)),
+            retention: config.retention.clone(),
         })
     }
 
@@ -233,19 +235,28 @@ impl Relay {
                 "sink.kind = \"discard\": rows are marked published without being sent anywhere"
             );
         }
-        let listener_stop = shutdown.child_token();
+        let tasks_stop = shutdown.child_token();
         let listener = self.listen_pool.clone().map(|pool| {
             tokio::spawn(listener::run(
                 pool,
                 self.table.clone(),
                 Arc::clone(&self.wakeup),
-                listener_stop.clone(),
+                tasks_stop.clone(),
             ))
         });
 
+        let retention = tokio::spawn(crate::retention::run(
+            self.store.clone(),
+            self.retention.clone(),
+            tasks_stop.clone(),
+        ));
+
         let stopped = self.pipeline(&shutdown).await;
 
-        listener_stop.cancel();
+        tasks_stop.cancel();
+        if let Err(err) = retention.await {
+            tracing::error!(error = %err, "retention task failed");
+        }
         if let Some(listener) = listener {
             if let Err(err) = listener.await {
                 tracing::error!(error = %err, "listener task failed");

@@ -124,6 +124,7 @@ pub struct Outbox {
     pub rabbitmq: BTreeMap<&'static str, String>,
     /// `[http] listen` address, when set.
     pub http: Option<std::net::SocketAddr>,
+    pub retention: BTreeMap<&'static str, String>,
     pub dir: tempfile::TempDir,
     /// Held for the test's duration: shared for ordinary RabbitMQ tests, exclusive for tests
     /// that restart or reconfigure the broker.
@@ -216,6 +217,7 @@ impl Outbox {
             broker: Broker::Kafka,
             rabbitmq,
             http: None,
+            retention: BTreeMap::new(),
             _rabbit_guard: None,
             pool: pool().await,
             topic_prefix: table.replace('_', "-"),
@@ -272,6 +274,7 @@ impl Outbox {
             section("sink.kafka", &kafka),
             section("sink.kafka.properties", &self.kafka_properties),
             section("sink.rabbitmq", &rabbitmq),
+            section("retention", &self.retention),
             "[log]\nformat = \"text\"\nlevel = \"info,outbox_relay=debug\"\n".to_owned(),
             self.http
                 .map(|addr| format!("[http]\nlisten = \"{addr}\"\n"))
