@@ -111,7 +111,11 @@ pub struct HttpConfig {
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// PostgreSQL connection URL. Secret: never logged or printed (only host, port and database are).
-    pub url: SecretString,
+    /// Give it here, in `OUTBOX_RELAY__DATABASE__URL`, or in a file named by `url_file`.
+    #[serde(default)]
+    pub url: Option<SecretString>,
+    /// File holding the URL (e.g. a mounted Kubernetes Secret); trailing whitespace is ignored.
+    pub url_file: Option<std::path::PathBuf>,
     /// Outbox table, optionally schema-qualified (`billing.outbox`). Default `outbox`.
     #[serde(default = "default_table")]
     pub table: String,
@@ -214,8 +218,11 @@ pub struct KafkaConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RabbitMqConfig {
-    /// AMQP URL (`amqp://` or `amqps://`). Secret: never logged.
-    pub url: SecretString,
+    /// AMQP URL (`amqp://` or `amqps://`). Secret: never logged. Or `url_file`.
+    #[serde(default)]
+    pub url: Option<SecretString>,
+    /// File holding the AMQP URL.
+    pub url_file: Option<std::path::PathBuf>,
     /// Exchange template. Default `outbox`.
     #[serde(default = "default_exchange")]
     pub exchange: String,
@@ -389,14 +396,58 @@ impl Config {
             )
             .build()
             .map_err(ConfigError::Load)?;
-        let config: Config = raw.try_deserialize().map_err(ConfigError::Load)?;
+        let mut config: Config = raw.try_deserialize().map_err(ConfigError::Load)?;
+        config.resolve_secret_files()?;
         config.validate()?;
         Ok(config)
     }
 
+    /// Reads `*_file` keys: `database.url_file`, `sink.rabbitmq.url_file`, and any
+    /// `sink.kafka.properties` key ending in `_file` (its value is the path; the property
+    /// without the suffix gets the file's content, e.g. `"sasl.password_file"`).
+    pub fn resolve_secret_files(&mut self) -> Result<(), ConfigError> {
+        resolve_url(
+            &mut self.database.url,
+            self.database.url_file.as_deref(),
+            "database.url",
+        )?;
+        if let Some(rabbit) = &mut self.sink.rabbitmq {
+            resolve_url(
+                &mut rabbit.url,
+                rabbit.url_file.as_deref(),
+                "sink.rabbitmq.url",
+            )?;
+        }
+        if let Some(kafka) = &mut self.sink.kafka {
+            let files: Vec<(String, String)> = kafka
+                .properties
+                .iter()
+                .filter(|(k, _)| k.ends_with("_file"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            for (key, path) in files {
+                kafka.properties.remove(&key);
+                let property = key.trim_end_matches("_file").to_owned();
+                let value = read_secret(
+                    std::path::Path::new(&path),
+                    &format!("sink.kafka.properties.\"{key}\""),
+                )?;
+                kafka
+                    .properties
+                    .insert(property, value.expose_secret().to_owned());
+            }
+        }
+        Ok(())
+    }
+
     /// Checks every constraint serde cannot express; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let url = self.database.url.expose_secret();
+        let url = self
+            .database
+            .url
+            .as_ref()
+            .ok_or_else(|| invalid("database.url", "is required (or database.url_file)"))?
+            .expose_secret();
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(invalid(
                 "database.url",
@@ -625,7 +676,16 @@ pub(crate) const KAFKA_DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(3
 
 impl RabbitMqConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        let url = self.url.expose_secret();
+        let url = self
+            .url
+            .as_ref()
+            .ok_or_else(|| {
+                invalid(
+                    "sink.rabbitmq.url",
+                    "is required (or sink.rabbitmq.url_file)",
+                )
+            })?
+            .expose_secret();
         if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
             return Err(invalid(
                 "sink.rabbitmq.url",
@@ -639,6 +699,51 @@ impl RabbitMqConfig {
             self.confirm_timeout,
             Duration::from_millis(10),
         )
+    }
+}
+
+fn read_secret(path: &std::path::Path, key: &str) -> Result<SecretString, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        invalid(
+            key,
+            format!(
+                "names a file that cannot be read ({}): {err}",
+                path.display()
+            ),
+        )
+    })?;
+    Ok(SecretString::from(text.trim_end().to_owned()))
+}
+
+fn resolve_url(
+    url: &mut Option<SecretString>,
+    file: Option<&std::path::Path>,
+    key: &str,
+) -> Result<(), ConfigError> {
+    let Some(file) = file else {
+        return Ok(());
+    };
+    if url.is_some() {
+        return Err(invalid(
+            key,
+            format!("and {key}_file are both set; set one"),
+        ));
+    }
+    *url = Some(read_secret(file, &format!("{key}_file"))?);
+    Ok(())
+}
+
+impl DatabaseConfig {
+    /// The URL, present once the configuration is validated.
+    pub fn url(&self) -> &SecretString {
+        self.url.as_ref().expect("validated in Config::validate")
+    }
+}
+
+impl RabbitMqConfig {
+    /// The URL, present once the configuration is validated.
+    pub fn url(&self) -> &SecretString {
+        self.url.as_ref().expect("validated in Config::validate")
     }
 }
 
@@ -662,7 +767,8 @@ mod tests {
             .add_source(config::File::from_str(toml, config::FileFormat::Toml))
             .build()
             .map_err(ConfigError::Load)?;
-        let config: Config = raw.try_deserialize().map_err(ConfigError::Load)?;
+        let mut config: Config = raw.try_deserialize().map_err(ConfigError::Load)?;
+        config.resolve_secret_files()?;
         config.validate()?;
         Ok(config)
     }

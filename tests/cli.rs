@@ -313,3 +313,59 @@ async fn status_counts_rows_by_state() {
     let text = outbox.command(&["status"]).success();
     assert!(text.stdout.contains("parked"), "{text:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_from_files_are_used_and_never_printed() {
+    // GIVEN database and AMQP URLs with a sentinel password, read from files, pointing at
+    // ports where nothing listens
+    const SENTINEL: &str = "S3ntinel-f1le-pw";
+    let mut outbox = Outbox::unmigrated().await;
+    outbox.set_broker(crate::support::Broker::RabbitMq).await;
+    let db_file = outbox.dir.path().join("db-url");
+    std::fs::write(
+        &db_file,
+        format!("postgres://postgres:{SENTINEL}@127.0.0.1:1/outbox_relay_test\n"),
+    )
+    .unwrap();
+    let amqp_file = outbox.dir.path().join("amqp-url");
+    std::fs::write(
+        &amqp_file,
+        format!("amqp://guest:{SENTINEL}@127.0.0.1:1/%2f"),
+    )
+    .unwrap();
+    outbox
+        .rabbitmq
+        .insert("url_file", format!("\"{}\"", amqp_file.display()));
+    let config = std::fs::read_to_string(outbox.config_file())
+        .unwrap()
+        .replace(
+            &format!("url = \"{}\"", crate::support::database_url()),
+            &format!("url_file = \"{}\"", db_file.display()),
+        )
+        .replace(&format!("\"url\" = \"{}\"\n", crate::support::amqp_url()), "");
+    let path = outbox.dir.path().join("secrets.toml");
+    std::fs::write(&path, &config).unwrap();
+
+    // WHEN check fails to connect, and the relay runs into both outages
+    let check = run_binary(&path, &["check"], &[]);
+    let mut relay = RelayProcess::start(path.clone(), outbox.dir.path().join("secrets.log"));
+    relay
+        .wait_for_log("database unavailable", Duration::from_secs(30))
+        .await;
+    relay.signal(nix::sys::signal::Signal::SIGTERM);
+    relay.wait_exit(Duration::from_secs(20)).await;
+
+    // THEN the files were used (host and port appear), and the password appears nowhere
+    assert_eq!(check.code(), Some(1), "{check:?}");
+    assert!(check.stderr.contains("127.0.0.1:1"), "{check:?}");
+    for text in [&check.stdout, &check.stderr, &relay.logs()] {
+        assert!(!text.contains(SENTINEL), "secret printed: {text}");
+    }
+    // AND a file that cannot be read is a configuration error naming the key
+    let missing = config.replace(&db_file.display().to_string(), "/nonexistent/db-url");
+    let path = outbox.dir.path().join("missing.toml");
+    std::fs::write(&path, missing).unwrap();
+    let out = run_binary(&path, &["check"], &[]);
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert!(out.stderr.contains("database.url_file"), "{out:?}");
+}

@@ -67,7 +67,7 @@ impl StoreError {
 /// keep their setting.
 pub(crate) fn connect_options(config: &DatabaseConfig) -> Result<PgConnectOptions, sqlx::Error> {
     let timeout_ms = config.statement_timeout.as_millis().to_string();
-    Ok(PgConnectOptions::from_str(config.url.expose_secret())?
+    Ok(PgConnectOptions::from_str(config.url().expose_secret())?
         .application_name(APPLICATION_NAME)
         .options([
             ("statement_timeout", timeout_ms.as_str()),

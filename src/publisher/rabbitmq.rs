@@ -80,7 +80,7 @@ impl RabbitMqPublisher {
     pub(crate) fn new(config: &RabbitMqConfig, connection_name: String) -> Self {
         Self {
             connection_name,
-            url: config.url.clone(),
+            url: config.url().clone(),
             exchange: Template::parse(&config.exchange).expect("validated in Config::validate"),
             routing_key: Template::parse(&config.routing_key)
                 .expect("validated in Config::validate"),
