@@ -4,7 +4,7 @@
 
 FROM rust:1.95-bookworm AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends build-essential cmake perl python3 zlib1g-dev \
+ && apt-get install -y --no-install-recommends build-essential perl pkg-config python3 libssl-dev zlib1g-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
@@ -17,7 +17,7 @@ RUN cargo build --release --locked --bin outbox-relay
 
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates zlib1g \
+ && apt-get install -y --no-install-recommends ca-certificates libssl3 zlib1g \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin relay
 COPY --from=build /src/target/release/outbox-relay /usr/local/bin/outbox-relay

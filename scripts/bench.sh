@@ -4,6 +4,7 @@
 #   scripts/bench.sh --rows 1000000 --only drain
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/build-deps.sh >&2
 scripts/services.sh >&2
 cargo build --release --locked --bin outbox-relay >&2
 cargo bench --locked --bench relay -- "$@"

@@ -212,6 +212,10 @@ pub struct KafkaConfig {
     /// numbers or booleans.
     #[serde(default, deserialize_with = "flat_properties")]
     pub properties: BTreeMap<String, String>,
+    /// Allows properties that weaken durability or certificate verification (`acks`,
+    /// `enable.idempotence`, `enable.ssl.certificate.verification`, ...). Default false.
+    #[serde(default, rename = "unsafe")]
+    pub allow_unsafe: bool,
 }
 
 /// `[sink.rabbitmq]`
@@ -375,14 +379,81 @@ fn invalid(key: impl Into<String>, constraint: impl Into<String>) -> ConfigError
     }
 }
 
-/// librdkafka properties the relay sets itself and refuses to see changed, because they carry the
-/// delivery guarantee (`acks=all`, idempotence) or the broker list (`sink.kafka.brokers`).
-const KAFKA_PINNED: &[(&str, &str)] = &[
+/// librdkafka properties that carry the delivery guarantee or transport security, with the
+/// value the relay requires; any other value needs `unsafe = true`.
+const KAFKA_GUARDED: &[(&str, &str)] = &[
     ("acks", "all"),
     ("request.required.acks", "all"),
     ("enable.idempotence", "true"),
+    ("enable.ssl.certificate.verification", "true"),
+    ("ssl.endpoint.identification.algorithm", "https"),
+    ("enable.sasl.oauthbearer.unsecure.jwt", "false"),
 ];
+
+/// Properties the relay owns.
 const KAFKA_OWNED: &[&str] = &["bootstrap.servers", "metadata.broker.list"];
+
+/// Properties that load code or run commands: never accepted.
+const KAFKA_FORBIDDEN: &[&str] = &[
+    "plugin.library.paths",
+    "ssl.engine.location",
+    "ssl.engine.id",
+    "sasl.kerberos.kinit.cmd",
+    "sasl.oauthbearer.token.endpoint.url",
+];
+
+/// Passthrough allow-list: exact names and `prefix.*` families of producer, network, TLS and
+/// SASL settings. Anything else is refused, naming the property.
+const KAFKA_ALLOWED: &[&str] = &[
+    "client.id",
+    "client.rack",
+    "client.dns.lookup",
+    "compression.*",
+    "linger.ms",
+    "batch.*",
+    "queue.buffering.*",
+    "message.*",
+    "delivery.timeout.ms",
+    "request.timeout.ms",
+    "socket.*",
+    "retry.*",
+    "retries",
+    "reconnect.*",
+    "topic.metadata.*",
+    "metadata.*",
+    "max.in.flight*",
+    "api.version.*",
+    "broker.*",
+    "connections.max.idle.ms",
+    "partitioner",
+    "sticky.*",
+    "statistics.interval.ms",
+    "log_level",
+    "log.*",
+    "debug",
+    "security.protocol",
+    "ssl.*",
+    "ssl_key",
+    "sasl.*",
+    "enable.ssl.certificate.verification",
+    "enable.sasl.oauthbearer.unsecure.jwt",
+    "acks",
+    "request.required.acks",
+    "enable.idempotence",
+    "enable.gapless.guarantee",
+    "allow.auto.create.topics",
+    "receive.message.max.bytes",
+    "resolve.canonical.bootstrap.servers.only",
+];
+
+fn kafka_allowed(key: &str) -> bool {
+    KAFKA_ALLOWED
+        .iter()
+        .any(|pattern| match pattern.strip_suffix('*') {
+            Some(prefix) => key.starts_with(prefix),
+            None => key == *pattern,
+        })
+}
 
 impl Config {
     /// Reads `path` (TOML) and applies `OUTBOX_RELAY__*` environment overrides, then validates.
@@ -580,20 +651,33 @@ impl KafkaConfig {
         }
         Template::parse(&self.topic).map_err(|c| invalid("sink.kafka.topic", c))?;
         for (key, value) in &self.properties {
+            let name = || format!("sink.kafka.properties.\"{key}\"");
             if KAFKA_OWNED.contains(&key.as_str()) {
                 return Err(invalid(
-                    format!("sink.kafka.properties.\"{key}\""),
+                    name(),
                     "is set from sink.kafka.brokers and cannot be overridden",
                 ));
             }
-            if let Some((_, required)) = KAFKA_PINNED.iter().find(|(k, _)| k == key) {
+            if KAFKA_FORBIDDEN.contains(&key.as_str()) {
+                return Err(invalid(
+                    name(),
+                    "is refused: it loads code or runs a command",
+                ));
+            }
+            if !kafka_allowed(key) {
+                return Err(invalid(
+                    name(),
+                    "is not in the passthrough allow-list (producer, network, TLS and SASL settings; see README)",
+                ));
+            }
+            if let Some((_, required)) = KAFKA_GUARDED.iter().find(|(k, _)| k == key) {
                 let same =
                     value.eq_ignore_ascii_case(required) || (*required == "all" && value == "-1");
-                if !same {
+                if !same && !self.allow_unsafe {
                     return Err(invalid(
-                        format!("sink.kafka.properties.\"{key}\""),
+                        name(),
                         format!(
-                            "must stay \"{required}\": the relay only marks rows the broker fully acknowledged"
+                            "must stay \"{required}\" (it guards delivery or transport security); set sink.kafka.unsafe = true to override"
                         ),
                     ));
                 }
@@ -870,6 +954,39 @@ mod tests {
             Some("lz4")
         );
         assert_eq!(props.get("linger.ms").map(String::as_str), Some("10"));
+    }
+
+    #[test]
+    fn passthrough_properties_are_allow_listed() {
+        let with = |props: &str| format!("{MINIMAL}\n[sink.kafka.properties]\n{props}\n");
+        for forbidden in [
+            "\"plugin.library.paths\" = \"/tmp/evil.so\"",
+            "\"sasl.kerberos.kinit.cmd\" = \"rm -rf /\"",
+            "\"ssl.engine.location\" = \"/tmp/engine.so\"",
+        ] {
+            let err = parse(&with(forbidden)).expect_err(forbidden).to_string();
+            assert!(err.contains("loads code or runs a command"), "{err}");
+        }
+        let err = parse(&with("\"transactional.id\" = \"x\""))
+            .expect_err("not allowed")
+            .to_string();
+        assert!(
+            err.contains("transactional.id") && err.contains("allow-list"),
+            "{err}"
+        );
+        let err = parse(&with("\"enable.ssl.certificate.verification\" = \"false\""))
+            .expect_err("unsafe")
+            .to_string();
+        assert!(err.contains("unsafe = true"), "{err}");
+        let unsafe_ok = with("\"enable.ssl.certificate.verification\" = \"false\"").replace(
+            "brokers = \"127.0.0.1:9092\"",
+            "brokers = \"127.0.0.1:9092\"\nunsafe = true",
+        );
+        parse(&unsafe_ok).expect("allowed with unsafe = true");
+        parse(&with(
+            "compression.type = \"zstd\"\nlinger.ms = 20\n\"security.protocol\" = \"plaintext\"",
+        ))
+        .expect("ordinary producer settings pass");
     }
 
     #[test]

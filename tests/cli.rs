@@ -77,6 +77,18 @@ fn invalid_configs_exit_2_naming_the_key() {
         &[],
         "no.such.property",
     );
+    assert_config_error(
+        &format!("{VALID}\n[sink.kafka.properties]\n\"plugin.library.paths\" = \"/tmp/x.so\"\n"),
+        &[],
+        "plugin.library.paths",
+    );
+    assert_config_error(
+        &format!(
+            "{VALID}\n[sink.kafka.properties]\n\"enable.ssl.certificate.verification\" = \"false\"\n"
+        ),
+        &[],
+        "sink.kafka.unsafe",
+    );
 }
 
 #[test]
@@ -342,7 +354,10 @@ async fn secrets_from_files_are_used_and_never_printed() {
             &format!("url = \"{}\"", crate::support::database_url()),
             &format!("url_file = \"{}\"", db_file.display()),
         )
-        .replace(&format!("\"url\" = \"{}\"\n", crate::support::amqp_url()), "");
+        .replace(
+            &format!("\"url\" = \"{}\"\n", crate::support::amqp_url()),
+            "",
+        );
     let path = outbox.dir.path().join("secrets.toml");
     std::fs::write(&path, &config).unwrap();
 
