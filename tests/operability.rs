@@ -182,3 +182,54 @@ async fn retention_deletes_only_old_published_and_old_dead_rows_while_the_relay_
         )
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_relay_runs_with_only_the_documented_grants() {
+    // GIVEN a table migrated by its owner, and a role with exactly the README's grants
+    let mut outbox = Outbox::for_broker(Broker::Kafka).await;
+    let role = crate::support::unique("relay_role");
+    outbox
+        .exec(&format!(
+            "create role {role} login;
+             grant connect on database {db} to {role};
+             grant usage on schema public to {role};
+             grant select (id, event_id, aggregate_type, aggregate_id, event_type, payload, headers,
+                           created_at, published_at, attempts, next_attempt_at, last_error,
+                           dead_lettered_at)
+                 on {{table}} to {role};
+             grant update (published_at, attempts, next_attempt_at, last_error, dead_lettered_at)
+                 on {{table}} to {role};
+             grant delete on {{table}} to {role};",
+            db = crate::support::TEST_DATABASE,
+        ))
+        .await;
+    outbox.retention.insert("published", "\"1s\"".to_owned());
+    outbox.retention.insert("interval", "\"200ms\"".to_owned());
+    let mut reader = outbox.reader("order", 1).await;
+    let config = std::fs::read_to_string(outbox.config_file())
+        .unwrap()
+        .replace("postgres://postgres@", &format!("postgres://{role}@"));
+    let path = outbox.dir.path().join("least-privilege.toml");
+    std::fs::write(&path, config).unwrap();
+
+    // WHEN that role checks the table and relays events (with retention on)
+    let check = crate::support::run_binary(&path, &["check"], &[]);
+    assert_eq!(check.code(), Some(0), "{check:?}");
+    let status = crate::support::run_binary(&path, &["status"], &[]);
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let relay = crate::support::RelayProcess::start(path, outbox.dir.path().join("lp.log"));
+    outbox.insert("order", "o-1", 0..20).await;
+
+    // THEN everything is published, and later deleted by retention, without a privilege error
+    reader.read_distinct(20, WAIT).await;
+    wait_until(WAIT, "published rows deleted by retention", || async {
+        outbox.counts().await == (0, 0)
+    })
+    .await;
+    let logs = relay.logs();
+    assert!(!logs.contains("permission denied"), "{logs}");
+    drop(relay);
+    outbox
+        .exec(&format!("drop owned by {role}; drop role {role};"))
+        .await;
+}

@@ -5,6 +5,8 @@ use std::fmt;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -14,11 +16,27 @@ use super::{ErrorClass, Outcomes, PublishError, Publisher, headers};
 use crate::config::{KAFKA_DEFAULT_MESSAGE_TIMEOUT, KafkaConfig};
 use crate::outbox::OutboxRow;
 
+/// Routes librdkafka's own log lines and global errors to debug level: a broker that is down
+/// would otherwise log several error lines per second, while the relay reports the outage once
+/// (when it starts and when it ends) from the delivery reports.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QuietContext;
+
+impl ClientContext for QuietContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        tracing::debug!(target: "librdkafka", ?level, facility = fac, "{log_message}");
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(target: "librdkafka", error = %error, "{reason}");
+    }
+}
+
 /// Publishes rows as Kafka messages: key `aggregate_id`, value the payload, headers the event's
 /// identity plus the row's own headers.
 pub(crate) struct KafkaPublisher {
     /// Shared handle; rdkafka runs its own polling thread that resolves delivery futures.
-    producer: FutureProducer,
+    producer: FutureProducer<QuietContext>,
     /// Topic template rendered per row.
     topic: Template,
 }
@@ -58,7 +76,7 @@ impl KafkaPublisher {
     /// made yet), so an error is a configuration error.
     pub(crate) fn new(config: &KafkaConfig) -> Result<Self, KafkaError> {
         let topic = Template::parse(&config.topic).expect("validated in Config::validate");
-        let producer = client_config(config).create()?;
+        let producer = client_config(config).create_with_context(QuietContext)?;
         Ok(Self { producer, topic })
     }
 
