@@ -4,7 +4,7 @@
 //! Every figure is measured in this run, on this machine, with PostgreSQL, the broker and the
 //! relay (the release binary, as a child process) sharing its cores. Options:
 //! `--rows N` (default 200000), `--aggregates N` (5000), `--payload BYTES` (1000),
-//! `--batch N` (1000), `--only drain,floors,latency,scale` (default: all).
+//! `--batch N` (1000), `--only floors,drain,scale,notify,latency` (default: all).
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -124,6 +124,16 @@ async fn run(args: Args) {
                 "| {instances} | {:.0} | {:.1} |",
                 drained.rate, drained.peak_rss_mib
             );
+        }
+    }
+    if args.wants("notify") {
+        println!(
+            "\n## NOTIFY trigger cost: application insert rate, 8 writers, single-row commits, 10 s\n"
+        );
+        println!("| trigger | relay wake-up | commits/s |");
+        println!("|---|---|---:|");
+        for trigger in [true, false] {
+            notify_cost(&pool, trigger).await;
         }
     }
     if args.wants("latency") {
@@ -566,6 +576,71 @@ async fn drain(pool: &PgPool, args: &Args, sink: &str, instances: usize) -> Drai
         peak_rss_mib: peak,
         cpu_seconds: cpu,
     }
+}
+
+/// The application's own insert throughput with and without the NOTIFY trigger, while the relay
+/// runs (LISTEN on with the trigger, polling without).
+async fn notify_cost(pool: &PgPool, trigger: bool) {
+    let args = Args {
+        rows: 0,
+        aggregates: 500,
+        payload: 200,
+        batch: 1000,
+        only: vec![],
+    };
+    let table = fresh_table(pool, &args, &format!("bench_notify_{trigger}"), 0).await;
+    if !trigger {
+        sqlx::query(AssertSqlSafe(format!(
+            "drop trigger {table}_relay_notify on {table}"
+        )))
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+    let config = config_file(&table, "kafka", 1000, trigger, Duration::from_millis(250));
+    let mut relay = spawn_relay(&config);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let duration = Duration::from_secs(10);
+    let tasks: Vec<_> = (0..8)
+        .map(|w| {
+            let pool = pool.clone();
+            let table = table.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let mut n = 0u64;
+                while started.elapsed() < duration {
+                    sqlx::query(AssertSqlSafe(format!(
+                        "insert into {table} (aggregate_type, aggregate_id, event_type, payload)
+                         values ('bench', $1, 'happened', '{{\"n\": 1}}')"
+                    )))
+                    .bind(format!("{w}-{}", n % 50))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap();
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status();
+    let _ = relay.wait();
+    println!(
+        "| {} | {} | {:.0} |",
+        if trigger { "installed" } else { "dropped" },
+        if trigger {
+            "LISTEN/NOTIFY"
+        } else {
+            "poll every 250 ms"
+        },
+        total as f64 / duration.as_secs_f64()
+    );
 }
 
 /// Inserts single-row transactions at `rate`/s for 10 s from 4 connections, records each

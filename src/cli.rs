@@ -182,10 +182,15 @@ async fn migrate(config: &Config) -> u8 {
             return EXIT_RUNTIME;
         }
     };
-    match schema::migrate(&mut conn, &table).await {
+    let trigger = if config.database.notify_trigger {
+        "installed"
+    } else {
+        "dropped"
+    };
+    match schema::migrate(&mut conn, &table, config.database.notify_trigger).await {
         Ok(done) if done.applied.is_empty() => {
             println!(
-                "table {table}: up to date (schema version {})",
+                "table {table}: up to date (schema version {}); notify trigger {trigger}",
                 done.current
             );
             0
@@ -193,7 +198,7 @@ async fn migrate(config: &Config) -> u8 {
         Ok(done) => {
             let applied: Vec<String> = done.applied.iter().map(i32::to_string).collect();
             println!(
-                "table {table}: applied migration(s) {} (schema version {})",
+                "table {table}: applied migration(s) {} (schema version {}); notify trigger {trigger}",
                 applied.join(", "),
                 done.current
             );

@@ -122,6 +122,9 @@ pub struct DatabaseConfig {
     /// Connections the relay keeps to the database (LISTEN uses one more). Default 4.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
+    /// Whether `migrate` installs (true) or drops (false) the NOTIFY trigger. Default true.
+    #[serde(default = "default_true")]
+    pub notify_trigger: bool,
     /// Upper bound for one statement of the relay; protects against a hung database. Default 30s.
     #[serde(default = "default_statement_timeout", with = "humantime_serde")]
     pub statement_timeout: Duration,

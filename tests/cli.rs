@@ -384,3 +384,29 @@ async fn secrets_from_files_are_used_and_never_printed() {
     assert_eq!(out.code(), Some(2), "{out:?}");
     assert!(out.stderr.contains("database.url_file"), "{out:?}");
 }
+
+#[tokio::test]
+async fn the_notify_trigger_follows_the_configuration() {
+    // GIVEN a migrated table (trigger installed by default)
+    let outbox = Outbox::new().await;
+    let config = std::fs::read_to_string(outbox.config_file()).unwrap();
+    let without = outbox.dir.path().join("no-trigger.toml");
+    std::fs::write(
+        &without,
+        config.replacen("[database]\n", "[database]\nnotify_trigger = false\n", 1),
+    )
+    .unwrap();
+    // WHEN migrate runs with notify_trigger = false, THEN the trigger is dropped
+    let out = run_binary(&without, &["migrate"], &[]);
+    assert!(out.stdout.contains("notify trigger dropped"), "{out:?}");
+    let check = outbox.command(&["check"]).success();
+    assert!(check.stdout.contains("notify trigger: absent"), "{check:?}");
+    // AND with the default again, it is back
+    let out = outbox.migrate().success();
+    assert!(out.stdout.contains("notify trigger installed"), "{out:?}");
+    let check = outbox.command(&["check"]).success();
+    assert!(
+        check.stdout.contains("notify trigger: installed"),
+        "{check:?}"
+    );
+}

@@ -59,6 +59,7 @@ pub(crate) struct Migrated {
 pub(crate) async fn migrate(
     conn: &mut PgConnection,
     table: &Table,
+    notify_trigger: bool,
 ) -> Result<Migrated, sqlx::Error> {
     let mut tx = sqlx::Connection::begin(conn).await?;
     sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
@@ -107,6 +108,21 @@ pub(crate) async fn migrate(
         .await?;
         done.push(*version);
     }
+    // The NOTIFY trigger follows `database.notify_trigger` on every run: NOTIFY takes a
+    // database-wide lock at commit, which busy writers may not want to pay for (see README).
+    let trigger = format!("\"{}_relay_notify\"", table.name());
+    let statement = if notify_trigger {
+        format!(
+            "create or replace trigger {trigger} after insert on {} for each statement execute function {}()",
+            table.quoted(),
+            table.companion("relay_notify")
+        )
+    } else {
+        format!("drop trigger if exists {trigger} on {}", table.quoted())
+    };
+    sqlx::raw_sql(AssertSqlSafe(statement))
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(Migrated {
         applied: done,
