@@ -1,4 +1,4 @@
-//! The command line: `outbox-relay [-c PATH] run | migrate | check | status [--json]`.
+//! The command line: `outbox-relay [-c PATH] run | migrate | check | status [--json] | requeue`.
 //!
 //! Exit codes: 0 success; 2 bad usage or invalid configuration (reported before any connection
 //! is made); 1 runtime failure.
@@ -48,6 +48,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Put dead-lettered rows back in line (fresh attempts, original order).
+    Requeue {
+        /// Requeue these events.
+        #[arg(long = "event-id", value_name = "UUID", conflicts_with_all = ["aggregate", "all"])]
+        event_ids: Vec<uuid::Uuid>,
+        /// Requeue every dead row of this aggregate.
+        #[arg(long, value_name = "AGGREGATE_ID", conflicts_with = "all")]
+        aggregate: Option<String>,
+        /// Requeue every dead row.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 const EXIT_RUNTIME: u8 = 1;
@@ -84,6 +96,24 @@ pub fn execute(cli: Cli) -> ExitCode {
         Command::Migrate => runtime.block_on(migrate(&config)),
         Command::Check => runtime.block_on(check(&config)),
         Command::Status { json } => runtime.block_on(status(&config, json)),
+        Command::Requeue {
+            event_ids,
+            aggregate,
+            all,
+        } => {
+            let which = match (event_ids.is_empty(), aggregate, all) {
+                (false, None, false) => store::Requeue::EventIds(event_ids),
+                (true, Some(aggregate), false) => store::Requeue::Aggregate(aggregate),
+                (true, None, true) => store::Requeue::All,
+                _ => {
+                    eprintln!(
+                        "error: requeue needs one of --event-id UUID..., --aggregate ID, --all"
+                    );
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            runtime.block_on(requeue(&config, &which))
+        }
     };
     // Do not wait for blocking tasks (e.g. a producer flush that already timed out).
     runtime.shutdown_timeout(Duration::from_secs(1));
@@ -223,7 +253,13 @@ async fn status(config: &Config, json: bool) -> u8 {
             return EXIT_RUNTIME;
         }
     };
-    match store::status(&mut conn, &table).await {
+    match store::status(
+        &mut conn,
+        &table,
+        config.retry.on_dead_letter == crate::config::OnDeadLetter::Park,
+    )
+    .await
+    {
         Ok(status) if json => {
             println!(
                 "{}",
@@ -237,7 +273,7 @@ async fn status(config: &Config, json: bool) -> u8 {
             println!("  in flight  {:>10}", s.in_flight);
             println!("  retrying   {:>10}", s.retrying);
             println!(
-                "  parked     {:>10}  (held back behind a waiting row of their aggregate)",
+                "  parked     {:>10}  (held back behind a waiting or dead row of their aggregate)",
                 s.parked
             );
             println!("  dead       {:>10}", s.dead);
@@ -261,6 +297,27 @@ async fn status(config: &Config, json: bool) -> u8 {
                 "error: cannot read the outbox state: {}{hint}",
                 ErrorChain(&err)
             );
+            EXIT_RUNTIME
+        }
+    }
+}
+
+async fn requeue(config: &Config, which: &store::Requeue) -> u8 {
+    let table = config.table();
+    let mut conn = match connect(config).await {
+        Ok(conn) => conn,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return EXIT_RUNTIME;
+        }
+    };
+    match store::requeue(&mut conn, &table, which).await {
+        Ok(rows) => {
+            println!("table {table}: requeued {rows} dead-lettered row(s)");
+            0
+        }
+        Err(err) => {
+            eprintln!("error: cannot requeue: {}", ErrorChain(&err));
             EXIT_RUNTIME
         }
     }

@@ -160,7 +160,7 @@ pub struct RelayConfig {
 }
 
 /// `[retry]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryConfig {
     /// Publish attempts of a row before it is dead-lettered. Default 10.
@@ -172,6 +172,22 @@ pub struct RetryConfig {
     /// Cap of the retry delay, also of the pause after a broker or database outage. Default 5m.
     #[serde(default = "default_max_backoff", with = "humantime_serde")]
     pub max_backoff: Duration,
+    /// What a dead-lettered row does to the later rows of its aggregate: `park` holds them
+    /// back until it is requeued (order kept), `skip` lets them pass (order explicitly broken).
+    /// Default `park`.
+    #[serde(default)]
+    pub on_dead_letter: OnDeadLetter,
+}
+
+/// `retry.on_dead_letter`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDeadLetter {
+    /// Later rows of the aggregate wait until the dead row is requeued.
+    #[default]
+    Park,
+    /// Later rows of the aggregate are published; the aggregate's order is broken there.
+    Skip,
 }
 
 /// `[sink]`: `kind` selects one of the sections below; the other may stay configured, so switching
@@ -346,6 +362,7 @@ impl Default for RetryConfig {
             max_attempts: default_max_attempts(),
             initial_backoff: default_initial_backoff(),
             max_backoff: default_max_backoff(),
+            on_dead_letter: OnDeadLetter::default(),
         }
     }
 }
@@ -927,6 +944,7 @@ mod tests {
             "max_attempts",
             "initial_backoff",
             "max_backoff",
+            "on_dead_letter",
             "kind",
             "brokers",
             "topic",

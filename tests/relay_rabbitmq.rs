@@ -75,13 +75,13 @@ async fn row_state(
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn unroutable_rows_are_retried_then_dead_lettered_never_silently_acked() {
+async fn unroutable_rows_are_dead_lettered_park_their_aggregate_and_requeue_in_order() {
     // GIVEN a queue bound for `order.#` only, three attempts, and events of an aggregate type
     // that no binding routes
     let mut outbox = Outbox::for_broker(Broker::RabbitMq).await;
     outbox.retry.insert("max_attempts", "3".to_owned());
     let mut reader = outbox.reader("order", 1).await;
-    outbox.insert("lost", "l-1", 0..2).await;
+    outbox.insert("lost", "l-1", 0..1).await;
     outbox.insert("order", "o-1", 0..10).await;
 
     // WHEN the relay runs
@@ -105,6 +105,32 @@ async fn unroutable_rows_are_retried_then_dead_lettered_never_silently_acked() {
     relay
         .wait_for_log("event dead-lettered", Duration::from_secs(5))
         .await;
+
+    // AND a successor written afterwards stays parked (the default): order is kept
+    outbox.insert("lost", "l-1", 1..2).await;
+    outbox.insert("order", "o-1", 10..12).await;
+    reader.read_at_least(12, WAIT).await;
+    assert!(
+        !row_state(&outbox, "l-1", 1).await.3,
+        "parked behind the dead letter"
+    );
+    let status = outbox.command(&["status", "--json"]).success();
+    let status: serde_json::Value = serde_json::from_str(status.stdout.trim()).unwrap();
+    assert_eq!(status["status"]["dead"], 1, "{status}");
+    assert_eq!(status["status"]["parked"], 1, "{status}");
+
+    // WHEN the operator binds a queue for them and requeues the aggregate
+    let mut lost = outbox.reader("lost", 1).await;
+    let out = outbox.command(&["requeue", "--aggregate", "l-1"]).success();
+    assert!(
+        out.stdout.contains("requeued 1 dead-lettered row"),
+        "{out:?}"
+    );
+
+    // THEN both are published, in order
+    let received = lost.read_at_least(2, WAIT).await;
+    assert_eq!(received.iter().map(|m| m.seq()).collect::<Vec<_>>(), [0, 1]);
+    outbox.wait_all_published(WAIT).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -203,6 +229,7 @@ async fn an_oversized_row_is_dead_lettered_while_its_neighbours_flow() {
     rabbit::set_max_message_size(1_048_576);
     let _restore = MaxMessageSize;
     outbox.retry.insert("max_attempts", "2".to_owned());
+    outbox.retry.insert("on_dead_letter", "\"skip\"".to_owned());
     let mut reader = outbox.reader("doc", 1).await;
     outbox.insert("doc", "before", 0..20).await;
     outbox

@@ -21,6 +21,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "waiting_index",
         include_str!("../../migrations/0002_waiting_index.sql"),
     ),
+    (
+        3,
+        "dead_index",
+        include_str!("../../migrations/0003_dead_index.sql"),
+    ),
 ];
 
 /// Renders a migration for `table`: every placeholder becomes a validated, quoted identifier.
@@ -34,6 +39,7 @@ fn render(sql: &str, table: &Table) -> String {
             &table.companion("aggregate_pending_idx"),
         )
         .replace("{{waiting_index}}", &bare("waiting_idx"))
+        .replace("{{dead_index}}", &bare("dead_idx"))
         .replace("{{notify_trigger}}", &bare("relay_notify"))
         .replace("{{notify_function}}", &table.companion("relay_notify"))
 }

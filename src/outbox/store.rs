@@ -89,6 +89,8 @@ pub(crate) struct Store {
     pool: PgPool,
     /// Name of the claim advisory lock, hashed by PostgreSQL; one per table.
     lock_name: String,
+    /// Whether a dead-lettered row holds back its aggregate (`retry.on_dead_letter = park`).
+    park_dead: bool,
     /// Name of the retention advisory lock (one deleting instance per table).
     retention_lock: String,
     claim: SqlStr,
@@ -106,7 +108,7 @@ fn sql(text: String) -> SqlStr {
 }
 
 impl Store {
-    pub(crate) fn new(pool: PgPool, table: &Table) -> Self {
+    pub(crate) fn new(pool: PgPool, table: &Table, park_dead: bool) -> Self {
         let t = table.quoted();
         let claim = format!(
             "with lease as materialized (
@@ -120,7 +122,11 @@ impl Store {
                    -- subplan over the small waiting index, see migration 0002
                    and o.aggregate_id not in (
                        select w.aggregate_id from {t} w
-                       where w.published_at is null and w.next_attempt_at > now())
+                       where w.published_at is null and w.next_attempt_at > now()
+                       union all
+                       -- parked behind a dead letter (retry.on_dead_letter = park), migration 0003
+                       select d.aggregate_id from {t} d
+                       where $3 and d.published_at is null and d.dead_lettered_at is not null)
                  order by o.id
                  limit $1
                  for update of o
@@ -178,6 +184,7 @@ impl Store {
         Self {
             pool,
             lock_name: format!("outbox-relay:claim:{table}"),
+            park_dead,
             retention_lock: format!("outbox-relay:retention:{table}"),
             claim: sql(claim),
             mark: sql(mark),
@@ -207,6 +214,7 @@ impl Store {
         let rows = sqlx::query(self.claim.clone())
             .bind(i64::from(limit))
             .bind(lease_ms)
+            .bind(self.park_dead)
             .fetch_all(&mut *tx)
             .await
             .map_err(StoreError::new("claim"))?;
@@ -352,7 +360,7 @@ pub(crate) struct Status {
     pub(crate) in_flight: i64,
     /// Pending rows that failed and wait for their next attempt.
     pub(crate) retrying: i64,
-    /// Due rows held back behind a waiting row of their aggregate.
+    /// Due rows held back behind a waiting (or, in park mode, dead) row of their aggregate.
     pub(crate) parked: i64,
     /// Dead-lettered rows (not published).
     pub(crate) dead: i64,
@@ -365,6 +373,7 @@ pub(crate) struct Status {
 pub(crate) async fn status(
     conn: &mut sqlx::PgConnection,
     table: &Table,
+    park_dead: bool,
 ) -> Result<Status, sqlx::Error> {
     let t = table.quoted();
     let row = sqlx::query(AssertSqlSafe(format!(
@@ -374,7 +383,8 @@ pub(crate) async fn status(
          ),
          waiting as (
              select distinct aggregate_id from unpublished
-             where dead_lettered_at is null and next_attempt_at > now()
+             where (dead_lettered_at is null and next_attempt_at > now())
+                or ($1 and dead_lettered_at is not null)
          )
          select
              count(*) filter (where dead_lettered_at is null),
@@ -387,6 +397,7 @@ pub(crate) async fn status(
              extract(epoch from now() - min(created_at) filter (where dead_lettered_at is null))::float8
          from unpublished"
     )))
+    .bind(park_dead)
     .fetch_one(&mut *conn)
     .await?;
     Ok(Status {
@@ -397,6 +408,44 @@ pub(crate) async fn status(
         dead: row.try_get(4)?,
         oldest_pending_age_s: row.try_get(5)?,
     })
+}
+
+/// Which dead-lettered rows `requeue` puts back.
+#[derive(Debug)]
+pub(crate) enum Requeue {
+    EventIds(Vec<uuid::Uuid>),
+    Aggregate(String),
+    All,
+}
+
+/// Puts dead-lettered rows back in line: they become due with a fresh attempt budget, and in
+/// `id` order ahead of the rows their aggregate parked. `last_error` is kept for the record.
+pub(crate) async fn requeue(
+    conn: &mut sqlx::PgConnection,
+    table: &Table,
+    which: &Requeue,
+) -> Result<u64, sqlx::Error> {
+    let t = table.quoted();
+    let base = format!(
+        "update {t} set dead_lettered_at = null, attempts = 0, next_attempt_at = null
+         where published_at is null and dead_lettered_at is not null"
+    );
+    let done = match which {
+        Requeue::EventIds(ids) => {
+            sqlx::query(AssertSqlSafe(format!("{base} and event_id = any($1)")))
+                .bind(ids)
+                .execute(&mut *conn)
+                .await?
+        }
+        Requeue::Aggregate(aggregate) => {
+            sqlx::query(AssertSqlSafe(format!("{base} and aggregate_id = $1")))
+                .bind(aggregate)
+                .execute(&mut *conn)
+                .await?
+        }
+        Requeue::All => sqlx::query(AssertSqlSafe(base)).execute(&mut *conn).await?,
+    };
+    Ok(done.rows_affected())
 }
 
 /// One failed attempt to record.

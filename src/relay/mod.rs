@@ -21,7 +21,7 @@ use chrono::Utc;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConfigError, RetentionConfig, RetryConfig, SinkKind};
+use crate::config::{Config, ConfigError, OnDeadLetter, RetentionConfig, RetryConfig, SinkKind};
 use crate::health::Health;
 use crate::outbox::store::{self, Failure, Store, StoreError};
 use crate::outbox::{Batch, Lease, Table, listener};
@@ -184,7 +184,11 @@ impl Relay {
             }
         };
         Ok(Self {
-            store: Store::new(pool, &table),
+            store: Store::new(
+                pool,
+                &table,
+                config.retry.on_dead_letter == OnDeadLetter::Park,
+            ),
             listen_pool,
             table,
             sink,
@@ -195,7 +199,7 @@ impl Relay {
             lease_duration: config.relay.lease_duration,
             shutdown_timeout: config.relay.shutdown_timeout,
             summary_interval: config.relay.summary_interval,
-            retry: RetryConfig { ..config.retry },
+            retry: config.retry.clone(),
             stats: Stats::default(),
             database: Outage::new("database"),
             broker: Outage::new("broker"),
@@ -478,7 +482,18 @@ impl Relay {
                     let retry_in =
                         backoff::delay(attempt, self.retry.initial_backoff, self.retry.max_backoff);
                     if dead {
-                        tracing::error!(event_id = %row.event_id, attempt, error = %error, "event dead-lettered");
+                        let later_rows = match self.retry.on_dead_letter {
+                            OnDeadLetter::Park => "parked until `outbox-relay requeue`",
+                            OnDeadLetter::Skip => "published without it (order broken)",
+                        };
+                        tracing::error!(
+                            event_id = %row.event_id,
+                            aggregate_id = %row.aggregate_id,
+                            attempt,
+                            error = %error,
+                            later_rows,
+                            "event dead-lettered"
+                        );
                     } else {
                         tracing::warn!(
                             event_id = %row.event_id,
