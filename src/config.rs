@@ -201,6 +201,11 @@ pub struct SinkConfig {
     pub kafka: Option<KafkaConfig>,
     /// `[sink.rabbitmq]`, required when `kind = "rabbitmq"`.
     pub rabbitmq: Option<RabbitMqConfig>,
+    /// Destinations (Kafka topics, AMQP exchanges) rows may render to: exact names or
+    /// `prefix*` patterns. Empty: any valid name. A row rendering another destination fails
+    /// permanently (and is dead-lettered), so an application bug cannot route events anywhere.
+    #[serde(default)]
+    pub allowed_destinations: Vec<String>,
 }
 
 /// The brokers the relay can publish to.
@@ -607,6 +612,15 @@ impl Config {
             ));
         }
 
+        for (i, pattern) in self.sink.allowed_destinations.iter().enumerate() {
+            let literal = pattern.strip_suffix('*').unwrap_or(pattern);
+            if literal.is_empty() && pattern != "*" || literal.contains('*') {
+                return Err(invalid(
+                    format!("sink.allowed_destinations[{i}]"),
+                    "must be a name or a prefix followed by a single trailing *",
+                ));
+            }
+        }
         match self.sink.kind {
             SinkKind::Kafka => {
                 let kafka = self.sink.kafka.as_ref().ok_or_else(|| {

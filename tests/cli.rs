@@ -275,7 +275,7 @@ async fn one_environment_variable_switches_the_broker() {
     let outbox = Outbox::new().await;
     let config = outbox.config_file();
     let text = std::fs::read_to_string(&config).unwrap();
-    assert!(text.contains("kind = \"kafka\"") && text.contains("[sink.rabbitmq]"));
+    assert!(text.contains("\"kind\" = \"kafka\"") && text.contains("[sink.rabbitmq]"));
     // WHEN OUTBOX_RELAY__SINK__KIND=rabbitmq is set
     let out = run_binary(
         &config,

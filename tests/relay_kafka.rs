@@ -191,3 +191,35 @@ async fn rejected_rows_are_retried_with_backoff_then_dead_lettered_while_others_
         "payloads are never logged"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn destinations_outside_the_allow_list_are_dead_lettered() {
+    // GIVEN a relay allowed to publish only to its `order` topic, and events of two types
+    let mut outbox = Outbox::new().await;
+    outbox.sink.insert(
+        "allowed_destinations",
+        format!("[\"{}\"]", outbox.topic("order")),
+    );
+    outbox.retry.insert("max_attempts", "1".to_owned());
+    let mut reader = outbox.reader("order", 1).await;
+    outbox.insert("secret", "s-1", 0..1).await;
+    outbox.insert("order", "o-1", 0..5).await;
+
+    // WHEN the relay runs
+    let _relay = outbox.start();
+
+    // THEN the allowed events flow, and the other one is dead-lettered, naming the rule
+    reader.read_at_least(5, WAIT).await;
+    wait_until(WAIT, "row for a foreign topic dead-lettered", || async {
+        sqlx::query_scalar::<_, Option<String>>(sqlx::AssertSqlSafe(format!(
+            "select last_error from {} where aggregate_id = 's-1' and dead_lettered_at is not null",
+            outbox.table
+        )))
+        .fetch_optional(&outbox.pool)
+        .await
+        .unwrap()
+        .flatten()
+        .is_some_and(|e| e.contains("not in sink.allowed_destinations"))
+    })
+    .await;
+}

@@ -12,7 +12,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use super::template::Template;
-use super::{ErrorClass, Outcomes, PublishError, Publisher, headers};
+use super::{Allowed, ErrorClass, Outcomes, PublishError, Publisher, headers};
 use crate::config::{KAFKA_DEFAULT_MESSAGE_TIMEOUT, KafkaConfig};
 use crate::outbox::OutboxRow;
 
@@ -39,6 +39,8 @@ pub(crate) struct KafkaPublisher {
     producer: FutureProducer<QuietContext>,
     /// Topic template rendered per row.
     topic: Template,
+    /// Topics rows may render to.
+    allowed: Allowed,
 }
 
 impl fmt::Debug for KafkaPublisher {
@@ -74,10 +76,14 @@ pub(crate) fn client_config(config: &KafkaConfig) -> ClientConfig {
 impl KafkaPublisher {
     /// Creates the producer. librdkafka checks property names and values here (no connection is
     /// made yet), so an error is a configuration error.
-    pub(crate) fn new(config: &KafkaConfig) -> Result<Self, KafkaError> {
+    pub(crate) fn new(config: &KafkaConfig, allowed: Allowed) -> Result<Self, KafkaError> {
         let topic = Template::parse(&config.topic).expect("validated in Config::validate");
         let producer = client_config(config).create_with_context(QuietContext)?;
-        Ok(Self { producer, topic })
+        Ok(Self {
+            producer,
+            topic,
+            allowed,
+        })
     }
 
     /// The topic `row` goes to.
@@ -156,6 +162,7 @@ impl KafkaPublisher {
     ) -> Result<DeliveryFuture, PublishError> {
         let topic = self.topic.render(row);
         validate_topic(&topic)?;
+        self.allowed.check(&topic)?;
         let mut kafka_headers = OwnedHeaders::new();
         for (name, value) in headers(row)? {
             kafka_headers = kafka_headers.insert(Header {

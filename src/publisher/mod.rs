@@ -230,6 +230,33 @@ pub(crate) fn headers(row: &OutboxRow) -> Result<Vec<(String, String)>, PublishE
     Ok(out)
 }
 
+/// `sink.allowed_destinations`: exact names or `prefix*` patterns; empty allows every name.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Allowed(Vec<String>);
+
+impl Allowed {
+    pub(crate) fn new(patterns: &[String]) -> Self {
+        Self(patterns.to_vec())
+    }
+
+    /// `Err` when `destination` matches no pattern.
+    pub(crate) fn check(&self, destination: &str) -> Result<(), PublishError> {
+        let allowed = self.0.is_empty()
+            || self.0.iter().any(|p| match p.strip_suffix('*') {
+                Some(prefix) => destination.starts_with(prefix),
+                None => destination == p,
+            });
+        if allowed {
+            Ok(())
+        } else {
+            Err(PublishError::InvalidDestination {
+                destination: destination.to_owned(),
+                constraint: "not in sink.allowed_destinations",
+            })
+        }
+    }
+}
+
 /// Header names the relay always sets.
 pub(crate) const STANDARD_HEADERS: [&str; 4] =
     ["event_id", "event_type", "aggregate_type", "aggregate_id"];
@@ -269,6 +296,17 @@ mod tests {
         );
         assert_eq!(h[0].1, uuid::Uuid::nil().to_string());
         assert_eq!(h[4].1, "3");
+    }
+
+    #[test]
+    fn destinations_outside_the_allow_list_fail_permanently() {
+        let allowed = Allowed::new(&["outbox.event.*".to_owned(), "audit".to_owned()]);
+        assert!(allowed.check("outbox.event.order").is_ok());
+        assert!(allowed.check("audit").is_ok());
+        let err = allowed.check("__consumer_offsets").unwrap_err();
+        assert_eq!(err.class(), ErrorClass::Permanent);
+        assert!(allowed.check("auditx").is_err());
+        assert!(Allowed::default().check("anything").is_ok());
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tokio::sync::Mutex;
 use tokio::time::{Instant, timeout_at};
 
 use super::template::Template;
-use super::{ErrorClass, Outcomes, PublishError, Publisher, headers};
+use super::{Allowed, ErrorClass, Outcomes, PublishError, Publisher, headers};
 use crate::config::RabbitMqConfig;
 use crate::outbox::OutboxRow;
 
@@ -34,6 +34,8 @@ pub(crate) struct RabbitMqPublisher {
     exchange: Template,
     routing_key: Template,
     declare_exchange: bool,
+    /// Exchanges rows may render to.
+    allowed: Allowed,
     confirm_timeout: Duration,
     /// Client-provided connection name, shown by `rabbitmqctl list_connections` and the
     /// management UI, so operators can tell which relay a connection belongs to.
@@ -77,8 +79,9 @@ enum Blame {
 }
 
 impl RabbitMqPublisher {
-    pub(crate) fn new(config: &RabbitMqConfig, connection_name: String) -> Self {
+    pub(crate) fn new(config: &RabbitMqConfig, connection_name: String, allowed: Allowed) -> Self {
         Self {
+            allowed,
             connection_name,
             url: config.url().clone(),
             exchange: Template::parse(&config.exchange).expect("validated in Config::validate"),
@@ -116,21 +119,29 @@ impl RabbitMqPublisher {
             if let Some(old) = slot.take() {
                 close(old).await;
             }
-            let properties = ConnectionProperties::default()
-                .with_connection_name(self.connection_name.as_str().into());
-            let connection = Connection::connect(self.url.expose_secret(), properties)
+            // Bounded: a broker that accepts TCP but never finishes the handshake (booting,
+            // blocked) must end in an outage, not a relay stuck on connect.
+            let open = async {
+                let properties = ConnectionProperties::default()
+                    .with_connection_name(self.connection_name.as_str().into());
+                let connection = Connection::connect(self.url.expose_secret(), properties)
+                    .await
+                    .map_err(amqp_error)?;
+                let channel = connection.create_channel().await.map_err(amqp_error)?;
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .map_err(amqp_error)?;
+                Ok::<_, PublishError>(Session {
+                    connection,
+                    channel,
+                    declared: HashSet::new(),
+                })
+            };
+            let session = tokio::time::timeout(self.confirm_timeout, open)
                 .await
-                .map_err(amqp_error)?;
-            let channel = connection.create_channel().await.map_err(amqp_error)?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map_err(amqp_error)?;
-            *slot = Some(Session {
-                connection,
-                channel,
-                declared: HashSet::new(),
-            });
+                .map_err(|_| PublishError::ConfirmTimeout)??;
+            *slot = Some(session);
         }
         Ok(slot.as_mut().expect("set above"))
     }
@@ -238,6 +249,22 @@ enum Failure {
 }
 
 impl Failure {
+    /// Records `new` unless a more telling failure is known: the broker's channel-close reason
+    /// (a protocol error naming the cause) beats the "invalid channel state" errors that later
+    /// publishes on the closed channel report, which would hide the culprit row.
+    fn note(current: &mut Option<Self>, new: Self) {
+        let telling = |f: &Self| matches!(f, Self::Amqp(err) if matches!(err.kind(), lapin::ErrorKind::ProtocolError(_)));
+        match current {
+            None => *current = Some(new),
+            Some(existing)
+                if !telling(existing) && telling(&new) && !matches!(existing, Self::Collateral) =>
+            {
+                *current = Some(new);
+            }
+            Some(_) => {}
+        }
+    }
+
     /// The error for each row caught in the failure (unless it is blamed on a row).
     fn to_error(&self) -> PublishError {
         match self {
@@ -293,6 +320,7 @@ impl Publisher for RabbitMqPublisher {
             let exchange = self.exchange.render(row);
             let routing_key = self.routing_key.render(row);
             let prepared = validate_exchange(&exchange)
+                .and_then(|()| self.allowed.check(&exchange))
                 .and_then(|()| validate_routing_key(&routing_key))
                 .and_then(|()| {
                     if row.payload.len() > max_size {
@@ -374,7 +402,7 @@ impl Publisher for RabbitMqPublisher {
                     pending.push(Pending::Unconfirmed {
                         exchange: Some(exchange),
                     });
-                    failure = Some(Failure::Amqp(err));
+                    Failure::note(&mut failure, Failure::Amqp(err));
                 }
                 Err(_) => {
                     pending.push(Pending::Unconfirmed {
@@ -403,13 +431,13 @@ impl Publisher for RabbitMqPublisher {
                     Pending::Done(Err(PublishError::Nacked))
                 }
                 Ok(Err(err)) => {
-                    failure.get_or_insert(Failure::Amqp(err));
+                    Failure::note(&mut failure, Failure::Amqp(err));
                     Pending::Unconfirmed {
                         exchange: Some(exchange),
                     }
                 }
                 Err(_) => {
-                    failure.get_or_insert(Failure::Timeout);
+                    Failure::note(&mut failure, Failure::Timeout);
                     Pending::Unconfirmed {
                         exchange: Some(exchange),
                     }
@@ -501,6 +529,24 @@ mod tests {
         let io: lapin::Error =
             lapin::ErrorKind::IOError(std::sync::Arc::new(std::io::Error::other("reset"))).into();
         assert!(matches!(blame(&io), Blame::Nobody));
+    }
+
+    #[test]
+    fn the_channel_close_reason_wins_over_later_state_errors() {
+        let state: lapin::Error =
+            lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Error, "basic.publish")
+                .into();
+        let reason = channel_closed(
+            AMQPSoftError::PRECONDITIONFAILED,
+            "PRECONDITION_FAILED - message size 2097152 is larger than configured max size 1048576",
+        );
+        let mut failure = None;
+        Failure::note(&mut failure, Failure::Amqp(state));
+        Failure::note(&mut failure, Failure::Amqp(reason));
+        let Some(Failure::Amqp(err)) = &failure else {
+            panic!("expected an AMQP failure");
+        };
+        assert!(matches!(blame(err), Blame::MessageSize(1_048_576)));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::outbox::store::{self, Failure, Store, StoreError};
 use crate::outbox::{Batch, Lease, Table, listener};
 use crate::publisher::kafka::KafkaPublisher;
 use crate::publisher::rabbitmq::RabbitMqPublisher;
-use crate::publisher::{ErrorClass, Publisher, Sink};
+use crate::publisher::{Allowed, ErrorClass, Publisher, Sink};
 use crate::telemetry::{ErrorChain, metric};
 
 /// How the relay run ended.
@@ -164,10 +164,11 @@ impl Relay {
                 .connect_lazy_with(store::connect_options(&config.database).expect("parsed above"))
         });
         let table = config.table();
+        let allowed = Allowed::new(&config.sink.allowed_destinations);
         let sink = match config.sink.kind {
             SinkKind::Kafka => {
                 let kafka = config.sink.kafka.as_ref().expect("validated");
-                Sink::Kafka(KafkaPublisher::new(kafka).map_err(|err| {
+                Sink::Kafka(KafkaPublisher::new(kafka, allowed.clone()).map_err(|err| {
                     invalid(
                         "sink.kafka.properties",
                         format!("rejected by librdkafka: {err}"),
@@ -180,6 +181,7 @@ impl Relay {
                 Sink::RabbitMq(Box::new(RabbitMqPublisher::new(
                     rabbit,
                     format!("outbox-relay {table}"),
+                    allowed.clone(),
                 )))
             }
         };

@@ -125,6 +125,8 @@ pub struct Outbox {
     /// `[http] listen` address, when set.
     pub http: Option<std::net::SocketAddr>,
     pub retention: BTreeMap<&'static str, String>,
+    /// Extra `[sink]` keys.
+    pub sink: BTreeMap<&'static str, String>,
     pub dir: tempfile::TempDir,
     /// Held for the test's duration: shared for ordinary RabbitMQ tests, exclusive for tests
     /// that restart or reconfigure the broker.
@@ -218,6 +220,7 @@ impl Outbox {
             rabbitmq,
             http: None,
             retention: BTreeMap::new(),
+            sink: BTreeMap::new(),
             _rabbit_guard: None,
             pool: pool().await,
             topic_prefix: table.replace('_', "-"),
@@ -270,7 +273,7 @@ impl Outbox {
             ),
             section("relay", &self.relay),
             section("retry", &self.retry),
-            format!("[sink]\nkind = \"{kind}\"\n"),
+            format!("{}\"kind\" = \"{kind}\"\n", section("sink", &self.sink)),
             section("sink.kafka", &kafka),
             section("sink.kafka.properties", &self.kafka_properties),
             section("sink.rabbitmq", &rabbitmq),
