@@ -233,3 +233,139 @@ async fn the_relay_runs_with_only_the_documented_grants() {
         .exec(&format!("drop owned by {role}; drop role {role};"))
         .await;
 }
+
+use std::os::unix::process::CommandExt;
+
+/// A throwaway PostgreSQL server with TLS on, started for one test (the shared server keeps
+/// TLS off). Stopped when dropped.
+struct TlsPostgres {
+    child: std::process::Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl TlsPostgres {
+    fn sh(command: &str) {
+        let status = std::process::Command::new("sh")
+            .args(["-ec", command])
+            .status()
+            .unwrap();
+        assert!(status.success(), "{command}");
+    }
+
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display().to_string();
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.path().join("bin"))
+            .max()
+            .unwrap();
+        let bin = bin.display();
+        // A CA, a server certificate for localhost / 127.0.0.1, and an unrelated CA.
+        Self::sh(&format!(
+            "cd {d}
+             openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 1 -subj /CN=test-ca 2>/dev/null
+             openssl req -x509 -newkey rsa:2048 -nodes -keyout other.key -out other-ca.crt -days 1 -subj /CN=other-ca 2>/dev/null
+             openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost 2>/dev/null
+             printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\n' > san.ext
+             openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 1 -extfile san.ext 2>/dev/null
+             chmod 600 server.key
+             mkdir data && chown -R postgres {d} && chmod 755 {d}
+             runuser -u postgres -- {bin}/initdb -D {d}/data -A trust -U postgres >/dev/null
+             printf 'hostssl all all 127.0.0.1/32 trust\\nhost all all 127.0.0.1/32 reject\\nhost all all ::1/128 reject\\n' > {d}/data/pg_hba.conf"
+        ));
+        let port = crate::support::free_address().port();
+        let id = |flag: &str| -> u32 {
+            let out = std::process::Command::new("id")
+                .args([flag, "postgres"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+        };
+        // Started directly as the postgres user (not through runuser), so the signal in Drop
+        // reaches the server itself.
+        let child = std::process::Command::new(format!("{bin}/postgres"))
+            .uid(id("-u"))
+            .gid(id("-g"))
+            .args(["-D", &format!("{d}/data")])
+            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+            .args([
+                "-c",
+                &format!("unix_socket_directories={d}"),
+                "-c",
+                "ssl=on",
+            ])
+            .args([
+                "-c",
+                &format!("ssl_cert_file={d}/server.crt"),
+                "-c",
+                &format!("ssl_key_file={d}/server.key"),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Self { child, port, dir }
+    }
+
+    fn url(&self, ca: &str) -> String {
+        format!(
+            "postgres://postgres@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}/{ca}",
+            self.port,
+            self.dir.path().display()
+        )
+    }
+}
+
+impl Drop for TlsPostgres {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connects_to_postgres_over_tls_with_verify_full() {
+    // GIVEN a PostgreSQL that accepts only TLS connections, with a certificate from a test CA
+    let server = tokio::task::spawn_blocking(TlsPostgres::start)
+        .await
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
+    wait_until(WAIT, "TLS PostgreSQL accepting connections", || async {
+        tokio::net::TcpStream::connect(addr).await.is_ok()
+    })
+    .await;
+    let outbox = Outbox::unmigrated().await;
+    let config = std::fs::read_to_string(outbox.config_file()).unwrap();
+    let with_url = |url: String| {
+        let path = outbox.dir.path().join(crate::support::unique("tls.toml"));
+        let text = config.replace(
+            &format!("url = \"{}\"", crate::support::database_url()),
+            &format!("url = \"{url}\""),
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+
+    // WHEN migrate connects with sslmode=verify-full and the right CA, THEN it succeeds (the
+    // server rejects anything but TLS), and `check` reads the table over TLS
+    let good = with_url(server.url("ca.crt"));
+    let migrated = crate::support::run_binary(&good, &["migrate"], &[]);
+    assert!(
+        migrated.status.success() && migrated.stdout.contains("applied migration(s)"),
+        "{migrated:?}"
+    );
+    let check = crate::support::run_binary(&good, &["check"], &[]);
+    assert!(
+        check.stdout.contains("all 13 required columns present"),
+        "{check:?}"
+    );
+
+    // AND a certificate from another CA is refused
+    let bad = with_url(server.url("other-ca.crt"));
+    let out = crate::support::run_binary(&bad, &["migrate"], &[]);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+}
