@@ -192,6 +192,14 @@ async fn connect(config: &Config) -> Result<sqlx::PgConnection, String> {
     }
 }
 
+/// Connects, or prints why not (for the one-shot commands).
+async fn connect_or_report(config: &Config) -> Option<sqlx::PgConnection> {
+    connect(config)
+        .await
+        .map_err(|message| eprintln!("error: {message}"))
+        .ok()
+}
+
 /// `host:port/database as user`, never the password.
 fn describe_database(options: &sqlx::postgres::PgConnectOptions) -> String {
     format!(
@@ -205,12 +213,8 @@ fn describe_database(options: &sqlx::postgres::PgConnectOptions) -> String {
 
 async fn migrate(config: &Config) -> u8 {
     let table = config.table();
-    let mut conn = match connect(config).await {
-        Ok(conn) => conn,
-        Err(message) => {
-            eprintln!("error: {message}");
-            return EXIT_RUNTIME;
-        }
+    let Some(mut conn) = connect_or_report(config).await else {
+        return EXIT_RUNTIME;
     };
     let trigger = if config.database.notify_trigger {
         "installed"
@@ -246,12 +250,8 @@ async fn migrate(config: &Config) -> u8 {
 
 async fn status(config: &Config, json: bool) -> u8 {
     let table = config.table();
-    let mut conn = match connect(config).await {
-        Ok(conn) => conn,
-        Err(message) => {
-            eprintln!("error: {message}");
-            return EXIT_RUNTIME;
-        }
+    let Some(mut conn) = connect_or_report(config).await else {
+        return EXIT_RUNTIME;
     };
     match store::status(
         &mut conn,
@@ -304,12 +304,8 @@ async fn status(config: &Config, json: bool) -> u8 {
 
 async fn requeue(config: &Config, which: &store::Requeue) -> u8 {
     let table = config.table();
-    let mut conn = match connect(config).await {
-        Ok(conn) => conn,
-        Err(message) => {
-            eprintln!("error: {message}");
-            return EXIT_RUNTIME;
-        }
+    let Some(mut conn) = connect_or_report(config).await else {
+        return EXIT_RUNTIME;
     };
     match store::requeue(&mut conn, &table, which).await {
         Ok(rows) => {
