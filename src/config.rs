@@ -151,7 +151,7 @@ pub struct RelayConfig {
     /// Must exceed the broker's own delivery timeout. Default 2m.
     #[serde(default = "default_lease_duration", with = "humantime_serde")]
     pub lease_duration: Duration,
-    /// Time allowed on SIGTERM/SIGINT to finish the in-flight batch and flush the producer. Default 10s.
+    /// Time allowed on SIGTERM/SIGINT to finish the batches in flight and flush the producer. Default 10s.
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
     /// Period of the info-level summary line (published, failed, pending, oldest pending age). Default 1m.

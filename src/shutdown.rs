@@ -16,7 +16,7 @@ pub fn on_signal(token: CancellationToken) -> std::io::Result<JoinHandle<()>> {
         };
         tracing::info!(
             signal = name,
-            "shutdown requested: finishing the in-flight batch"
+            "shutdown requested: finishing the batches in flight"
         );
         token.cancel();
     }))

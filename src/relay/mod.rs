@@ -1,10 +1,11 @@
 //! The relay loop: claim a batch, publish it, record the outcome, repeat.
 //!
-//! One iteration ([`Relay::cycle`]) claims up to `batch_size` rows, publishes them concurrently,
-//! and settles them in at most three batched statements (mark published, record failures,
-//! release). The loop drains without waiting while batches come back full and otherwise waits
-//! for a NOTIFY wake-up or the poll interval. Shutdown is only observed between batches; a batch
-//! in flight gets `shutdown_timeout` to finish.
+//! A claim takes up to `batch_size` rows; each batch is published concurrently and settled in a
+//! few batched statements (mark published, record failures, release). Up to
+//! `max_in_flight_batches` batches are with the broker while the next claim runs
+//! ([`Relay::run`]). The loop drains without waiting while batches come back full and otherwise
+//! waits for a NOTIFY wake-up or the poll interval. Shutdown stops claiming; batches in flight
+//! get `shutdown_timeout` to finish.
 
 pub(crate) mod backoff;
 
@@ -33,9 +34,9 @@ use crate::telemetry::{ErrorChain, metric};
 /// How the relay run ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Stopped {
-    /// Shutdown was requested and the in-flight batch was settled.
+    /// Shutdown was requested and the batches in flight were settled.
     Clean,
-    /// The in-flight batch did not finish within `shutdown_timeout`; its unsettled rows were
+    /// Batches in flight did not finish within `shutdown_timeout`; their unsettled rows were
     /// released (or will be re-claimed when their lease expires) and may be published twice.
     Abandoned,
 }
@@ -400,16 +401,19 @@ impl Relay {
         metrics::gauge!(metric::READY).set(if ready { 1.0 } else { 0.0 });
     }
 
-    /// Pending rows and oldest pending age, for the gauges.
-    async fn refresh_backlog(&self) {
-        if let Ok((pending, oldest)) = self.store.pending().await {
-            metrics::gauge!(metric::PENDING_ROWS).set(pending as f64);
+    /// Queries the pending rows and oldest pending age, sets the gauges, and returns them
+    /// (`None` while the database is unavailable).
+    async fn refresh_backlog(&self) -> Option<(i64, f64)> {
+        let backlog = self.store.pending().await.ok().map(|(pending, oldest)| {
             let age = oldest.map_or(0.0, |t| {
                 (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0
             });
+            metrics::gauge!(metric::PENDING_ROWS).set(pending as f64);
             metrics::gauge!(metric::OLDEST_PENDING_AGE).set(age);
-        }
+            (pending, age)
+        });
         self.update_ready();
+        backlog
     }
 
     /// Records a batch's broker failure; returns how long to pause.
@@ -514,8 +518,8 @@ impl Relay {
                 }
                 (ErrorClass::Transient | ErrorClass::Fatal, _) => {
                     tracing::debug!(event_id = %row.event_id, attempt, error = %error, "publish failed transiently");
-                    settled.broker_error.get_or_insert((class, error.clone()));
-                    released.push((row.id, error));
+                    settled.broker_error.get_or_insert((class, error));
+                    released.push(row.id);
                 }
             }
         }
@@ -547,11 +551,11 @@ impl Relay {
         self.stats
             .failed
             .fetch_add(failures.len() as u64 - dead, Ordering::Relaxed);
-        // Transient failures keep their attempt and their error for operators to see.
-        let first_error = released.first().map(|(_, e)| e.as_str());
-        let released_ids: Vec<i64> = released.iter().map(|(id, _)| *id).collect();
+        // Transient failures keep their attempt; the batch's (first) error is kept on the rows
+        // for operators to see.
+        let outage_error = settled.broker_error.as_ref().map(|(_, e)| e.as_str());
         self.settle("release", batch.lease, || {
-            self.store.release(&released_ids, batch.lease, first_error)
+            self.store.release(&released, batch.lease, outage_error)
         })
         .await?;
         self.settle("release", batch.lease, || {
@@ -680,11 +684,8 @@ impl Relay {
             tracing::info!(published, failed, dead_lettered, "relay summary");
             return;
         }
-        match self.store.pending().await {
-            Ok((pending, oldest)) => {
-                let oldest_pending_age_s = oldest.map_or(0.0, |t| {
-                    (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0
-                });
+        match self.refresh_backlog().await {
+            Some((pending, oldest_pending_age_s)) => {
                 tracing::info!(
                     published,
                     failed,
@@ -694,7 +695,7 @@ impl Relay {
                     "relay summary"
                 );
             }
-            Err(_) => tracing::info!(
+            None => tracing::info!(
                 published,
                 failed,
                 dead_lettered,
