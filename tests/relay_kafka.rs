@@ -223,3 +223,46 @@ async fn destinations_outside_the_allow_list_are_dead_lettered() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_timeout_releases_unacknowledged_rows_and_exits_1() {
+    // GIVEN a relay stuck on a batch: the broker is unreachable, delivery reports take up to
+    // 30 s, the lease is an hour, and shutdown may take 1 s
+    let mut outbox = Outbox::new().await;
+    outbox.unreachable_broker();
+    outbox
+        .kafka_properties
+        .insert("message.timeout.ms", "\"30000\"".to_owned());
+    outbox.relay.insert("lease_duration", "\"1h\"".to_owned());
+    outbox.relay.insert("shutdown_timeout", "\"1s\"".to_owned());
+    outbox.insert("order", "o-1", 0..3).await;
+    let mut relay = outbox.start();
+    wait_until(WAIT, "the batch is claimed", || async {
+        sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!(
+            "select count(*) from {} where next_attempt_at > now()",
+            outbox.table
+        )))
+        .fetch_one(&outbox.pool)
+        .await
+        .unwrap()
+            == 3
+    })
+    .await;
+
+    // WHEN it is asked to stop
+    relay.signal(nix::sys::signal::Signal::SIGTERM);
+
+    // THEN it gives up on the batch after the timeout, exits 1, and hands the rows back at
+    // once (no hour-long lease for the next instance), with their attempts returned
+    let status = relay.wait_exit(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(1), "{}", relay.logs());
+    let rows: Vec<(i32, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select attempts, next_attempt_at is null from {} where published_at is null",
+        outbox.table
+    )))
+    .fetch_all(&outbox.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows, vec![(0, true); 3]);
+    assert!(relay.logs().contains("released=3"), "{}", relay.logs());
+}
