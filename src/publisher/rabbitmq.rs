@@ -24,13 +24,16 @@ use tokio::time::{Instant, timeout_at};
 
 use super::template::Template;
 use super::{Allowed, ErrorClass, Outcomes, PublishError, Publisher, headers};
-use crate::config::RabbitMqConfig;
+use crate::config::{ConfigError, RabbitMqConfig};
 use crate::outbox::OutboxRow;
 
 /// Publishes rows as AMQP messages to a (templated) exchange with a (templated) routing key.
 pub(crate) struct RabbitMqPublisher {
     /// Broker URL; contains the password, so it is never formatted.
     url: SecretString,
+    /// CA certificates and client identity for `amqps://`, read at start; holds the private
+    /// key, so it is never formatted.
+    tls: lapin::tcp::OwnedTLSConfig,
     exchange: Template,
     routing_key: Template,
     declare_exchange: bool,
@@ -79,10 +82,40 @@ enum Blame {
 }
 
 impl RabbitMqPublisher {
-    pub(crate) fn new(config: &RabbitMqConfig, connection_name: String, allowed: Allowed) -> Self {
-        Self {
+    /// Reads the TLS files named in `[sink.rabbitmq.tls]`; an unreadable file is a
+    /// configuration error naming its key. No connection is made.
+    pub(crate) fn new(
+        config: &RabbitMqConfig,
+        connection_name: String,
+        allowed: Allowed,
+    ) -> Result<Self, ConfigError> {
+        let read = |key: &str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|err| ConfigError::Invalid {
+                key: format!("sink.rabbitmq.tls.{key}"),
+                constraint: format!("cannot be read ({}): {err}", path.display()),
+            })
+        };
+        let mut tls = lapin::tcp::OwnedTLSConfig::default();
+        if let Some(files) = &config.tls {
+            if let Some(path) = &files.ca_file {
+                let pem = read("ca_file", path)?;
+                tls.cert_chain =
+                    Some(String::from_utf8(pem).map_err(|_| ConfigError::Invalid {
+                        key: "sink.rabbitmq.tls.ca_file".to_owned(),
+                        constraint: "must be a PEM file".to_owned(),
+                    })?);
+            }
+            if let (Some(cert), Some(key)) = (&files.cert_file, &files.key_file) {
+                tls.identity = Some(lapin::tcp::OwnedIdentity::PKCS8 {
+                    pem: read("cert_file", cert)?,
+                    key: read("key_file", key)?,
+                });
+            }
+        }
+        Ok(Self {
             allowed,
             connection_name,
+            tls,
             url: config.url().clone(),
             exchange: Template::parse(&config.exchange).expect("validated in Config::validate"),
             routing_key: Template::parse(&config.routing_key)
@@ -91,7 +124,7 @@ impl RabbitMqPublisher {
             confirm_timeout: config.confirm_timeout,
             session: Mutex::new(None),
             max_message_size: AtomicUsize::new(usize::MAX),
-        }
+        })
     }
 
     /// The exchange `row` goes to.
@@ -124,9 +157,15 @@ impl RabbitMqPublisher {
             let open = async {
                 let properties = ConnectionProperties::default()
                     .with_connection_name(self.connection_name.as_str().into());
-                let connection = Connection::connect(self.url.expose_secret(), properties)
-                    .await
-                    .map_err(amqp_error)?;
+                let runtime = lapin::runtime::default_runtime().map_err(amqp_error)?;
+                let connection = Connection::connect_with_config(
+                    self.url.expose_secret(),
+                    properties,
+                    self.tls.clone(),
+                    runtime,
+                )
+                .await
+                .map_err(amqp_error)?;
                 let channel = connection.create_channel().await.map_err(amqp_error)?;
                 channel
                     .confirm_select(ConfirmSelectOptions::default())

@@ -183,7 +183,7 @@ impl Relay {
                     rabbit,
                     format!("outbox-relay {table}"),
                     allowed.clone(),
-                )))
+                )?))
             }
         };
         Ok(Self {

@@ -48,8 +48,15 @@ impl TopicReader {
     }
 
     fn new(topic: &str) -> Self {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", kafka_brokers())
+        let mut client = ClientConfig::new();
+        client.set("bootstrap.servers", kafka_brokers());
+        Self::with_client(topic, client)
+    }
+
+    /// Reads `topic` (which must exist) with a client configured by the caller: another broker,
+    /// TLS settings.
+    pub fn with_client(topic: &str, mut client: ClientConfig) -> Self {
+        let consumer: BaseConsumer = client
             .set("group.id", unique("test"))
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")

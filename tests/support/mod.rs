@@ -8,7 +8,9 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod postgres;
 pub mod rabbit;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -20,6 +22,9 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use tokio::sync::OnceCell;
 
 pub const TEST_DATABASE: &str = "outbox_relay_test";
+
+/// Upper bound of a wait on a condition that should hold within seconds.
+pub const WAIT: Duration = Duration::from_secs(60);
 
 pub fn server_url() -> String {
     std::env::var("TEST_DATABASE_URL")
@@ -112,6 +117,8 @@ pub enum Broker {
 /// One test's outbox table and the configuration of the relay that serves it.
 pub struct Outbox {
     pub broker: Broker,
+    /// The relay's `database.url`.
+    pub database_url: String,
     pub pool: PgPool,
     pub table: String,
     /// Topic prefix; the relay publishes to `{prefix}.{aggregate_type}`.
@@ -122,6 +129,8 @@ pub struct Outbox {
     pub kafka: BTreeMap<&'static str, String>,
     pub kafka_properties: BTreeMap<&'static str, String>,
     pub rabbitmq: BTreeMap<&'static str, String>,
+    /// `[sink.rabbitmq.tls]` keys; the section is written only when some are set.
+    pub rabbitmq_tls: BTreeMap<&'static str, String>,
     /// `[http] listen` address, when set.
     pub http: Option<std::net::SocketAddr>,
     pub retention: BTreeMap<&'static str, String>,
@@ -203,6 +212,11 @@ impl Outbox {
 
     /// A fresh table name with no table behind it yet.
     pub async fn unmigrated() -> Self {
+        Self::unmigrated_at(database_url(), pool().await)
+    }
+
+    /// A fresh table name on another server (`url`, reached by the test through `pool`).
+    pub fn unmigrated_at(url: String, pool: PgPool) -> Self {
         let table = unique("outbox");
         let mut relay = BTreeMap::new();
         relay.insert("poll_interval", "\"100ms\"".to_owned());
@@ -218,11 +232,13 @@ impl Outbox {
         Self {
             broker: Broker::Kafka,
             rabbitmq,
+            rabbitmq_tls: BTreeMap::new(),
             http: None,
             retention: BTreeMap::new(),
             sink: BTreeMap::new(),
             _rabbit_guard: None,
-            pool: pool().await,
+            database_url: url,
+            pool,
             topic_prefix: table.replace('_', "-"),
             table,
             relay,
@@ -268,8 +284,7 @@ impl Outbox {
         let text = [
             format!(
                 "[database]\nurl = \"{}\"\ntable = \"{}\"\n",
-                database_url(),
-                self.table
+                self.database_url, self.table
             ),
             section("relay", &self.relay),
             section("retry", &self.retry),
@@ -277,6 +292,11 @@ impl Outbox {
             section("sink.kafka", &kafka),
             section("sink.kafka.properties", &self.kafka_properties),
             section("sink.rabbitmq", &rabbitmq),
+            if self.rabbitmq_tls.is_empty() {
+                String::new()
+            } else {
+                section("sink.rabbitmq.tls", &self.rabbitmq_tls)
+            },
             section("retention", &self.retention),
             "[log]\nformat = \"text\"\nlevel = \"info,outbox_relay=debug\"\n".to_owned(),
             self.http
@@ -539,6 +559,15 @@ impl Reader {
 }
 
 /// A loopback address with a port nobody listens on (the OS picked it and it was released).
+/// Waits until something accepts TCP connections on `127.0.0.1:port`.
+pub async fn wait_listening(port: u16, what: &str) {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    wait_until(WAIT, &format!("{what} listening on {addr}"), || async {
+        tokio::net::TcpStream::connect(addr).await.is_ok()
+    })
+    .await;
+}
+
 pub fn free_address() -> std::net::SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.local_addr().expect("address")
