@@ -68,6 +68,9 @@ pub mod metric {
     /// Counter, label `dependency` (`database`, `broker`): outages begun (each one is followed
     /// by a reconnect).
     pub const OUTAGES: &str = "outbox_relay_outages_total";
+    /// Counter, label `dependency` (`database`, `broker`, `listen`): connections re-established
+    /// after a loss (an outage's end; for `listen`, the NOTIFY connection coming back).
+    pub const RECONNECTS: &str = "outbox_relay_reconnects_total";
     /// Gauge: unpublished, not dead-lettered rows (refreshed every 10 s).
     pub const PENDING_ROWS: &str = "outbox_relay_pending_rows";
     /// Gauge: age of the oldest pending row in seconds (refreshed every 10 s).

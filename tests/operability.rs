@@ -103,6 +103,16 @@ async fn readiness_turns_false_while_the_broker_is_down_and_true_after() {
         crate::support::Reader::RabbitMq(Box::new(rabbit::QueueReader::new(&queue).await));
     reader.read_distinct(3, WAIT).await;
     assert!(relay.logs().contains("broker available again"));
+    let (_, body) = http_get(addr, "/metrics").await.unwrap();
+    let labels = [("dependency", "broker")];
+    assert_eq!(
+        metric_value(&body, "outbox_relay_outages_total", &labels),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(&body, "outbox_relay_reconnects_total", &labels),
+        Some(1.0)
+    );
 }
 
 /// Starts RabbitMQ again when the test ends, even on failure.

@@ -10,6 +10,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgListener, PgPool};
 
 use super::Table;
+use crate::telemetry::metric;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +35,8 @@ pub(crate) async fn run(
             if !failing {
                 tracing::warn!(error = %err, table = %table, "listen connection lost, relying on polling until it is back");
                 failing = true;
+                // The first failure after a working connection starts the backoff afresh.
+                delay = Duration::from_millis(100);
             }
         }
         tokio::select! {
@@ -63,6 +66,7 @@ async fn listen(
     let mut listener = PgListener::connect_with(pool).await?;
     listener.listen(channel).await?;
     if *failing {
+        metrics::counter!(metric::RECONNECTS, "dependency" => "listen").increment(1);
         tracing::info!(channel = %channel, "listen connection restored");
         *failing = false;
     }
@@ -73,6 +77,7 @@ async fn listen(
             Some(_) => wakeup.notify_one(),
             None => {
                 // Connection lost and re-established by sqlx; notifications in between are gone.
+                metrics::counter!(metric::RECONNECTS, "dependency" => "listen").increment(1);
                 tracing::debug!(channel = %channel, "listen connection re-established");
                 wakeup.notify_one();
             }

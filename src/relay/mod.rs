@@ -105,6 +105,7 @@ impl Outage {
     fn recovered(&self) {
         let ended = self.state.lock().expect("outage lock poisoned").take();
         if let Some((since, failures)) = ended {
+            metrics::counter!(metric::RECONNECTS, "dependency" => self.what).increment(1);
             tracing::info!(
                 outage_ms = since.elapsed().as_millis() as u64,
                 failures,
