@@ -157,6 +157,11 @@ pub struct RelayConfig {
     /// the broker's work. Batches in flight never share an aggregate. Default 2.
     #[serde(default = "default_max_in_flight_batches")]
     pub max_in_flight_batches: u32,
+    /// Claim only rows no uncommitted transaction can still precede (see README, "Ordering"):
+    /// a row committed after a later-id row of its aggregate is published first. Costs one
+    /// `pg_locks` lookup per claim. Default true.
+    #[serde(default = "default_true")]
+    pub commit_order_guard: bool,
     /// Fallback poll when idle; always on, even with `listen`. Default 1s.
     #[cfg_attr(test, schemars(with = "String"))]
     #[serde(default = "default_poll_interval", with = "humantime_serde")]
@@ -410,6 +415,7 @@ impl Default for RelayConfig {
         Self {
             batch_size: default_batch_size(),
             max_in_flight_batches: default_max_in_flight_batches(),
+            commit_order_guard: true,
             poll_interval: default_poll_interval(),
             listen: true,
             lease_duration: default_lease_duration(),

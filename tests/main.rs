@@ -4,6 +4,7 @@
 //! Every test owns its outbox table and topics, so tests run in parallel.
 
 mod cli;
+mod faults;
 mod operability;
 mod relay_kafka;
 mod relay_rabbitmq;

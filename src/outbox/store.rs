@@ -14,8 +14,24 @@
 //! Counting the attempt at claim time means a row that crashes the relay still uses up its
 //! attempts; attempts that failed for a reason that is not the row's (broker down, shutdown) are
 //! given back by [`Store::release`].
+//!
+//! # Commit-order guard
+//! Ids come from a sequence when a row is inserted, but transactions commit in any order: a
+//! transaction can hold id 10 uncommitted while id 11 of the same aggregate is already visible.
+//! Publishing 11 then would let it overtake 10. So a claim only takes rows up to a *horizon*: an
+//! id below which no row can still appear. It is found with a fence: at time t0 the claim notes
+//! the highest visible id H and the transactions then writing to the table (holding its
+//! `RowExclusiveLock`, seen in `pg_locks`; the relay's own sessions excluded). Every id at most
+//! H was taken before t0, so its transaction had committed (visible), aborted, or was among
+//! those writers; once they have all ended, no row at or below H can appear, and H becomes the
+//! horizon. When nobody is writing at t0, H is the horizon at once; otherwise a later claim
+//! (the relay re-claims within milliseconds while rows are held back) finds the fence passed.
+//! A long transaction writing to the outbox holds back only rows committed after it began, and
+//! only until it ends. Assumption: ids are taken by the insert itself (identity or serial
+//! default, sequence cache 1), not fetched earlier by the application.
 
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -101,6 +117,29 @@ pub(crate) struct Store {
     pending: SqlStr,
     delete_published: SqlStr,
     delete_dead: SqlStr,
+    fence_probe: SqlStr,
+    /// Commit-order guard state; `None` when `relay.commit_order_guard` is off.
+    guard: Option<Arc<Mutex<Guard>>>,
+}
+
+/// The commit-order guard's state (see the module docs). Claims of one relay are serialised, so
+/// the lock is never contended.
+#[derive(Debug, Default)]
+struct Guard {
+    /// Rows up to this id can no longer be overtaken by a late commit.
+    horizon: i64,
+    /// A fence waiting for its writers to end: (highest visible id, their virtual xids).
+    pending: Option<(i64, Vec<String>)>,
+}
+
+/// What a claim found.
+#[derive(Debug)]
+pub(crate) struct Claimed {
+    /// The leased rows, if any were due.
+    pub(crate) batch: Option<Batch>,
+    /// Rows are visible beyond the commit-order horizon: claim again shortly, once the
+    /// transactions that may still commit below them have ended.
+    pub(crate) held_back: bool,
 }
 
 fn sql(text: String) -> SqlStr {
@@ -108,7 +147,12 @@ fn sql(text: String) -> SqlStr {
 }
 
 impl Store {
-    pub(crate) fn new(pool: PgPool, table: &Table, park_dead: bool) -> Self {
+    pub(crate) fn new(
+        pool: PgPool,
+        table: &Table,
+        park_dead: bool,
+        commit_order_guard: bool,
+    ) -> Self {
         let t = table.quoted();
         let claim = format!(
             "with lease as materialized (
@@ -118,6 +162,8 @@ impl Store {
                  select o.id from {t} o
                  where o.published_at is null and o.dead_lettered_at is null
                    and (o.next_attempt_at is null or o.next_attempt_at <= now())
+                   -- the commit-order horizon (module docs); null when the guard is off
+                   and o.id <= coalesce($4, o.id)
                    -- skip aggregates with a waiting row (leased, or backing off); a hashed
                    -- subplan over the small waiting index, see migration 0002
                    and o.aggregate_id not in (
@@ -181,6 +227,23 @@ impl Store {
             "select count(*), min(created_at) from {t}
              where published_at is null and dead_lettered_at is null"
         );
+        // The highest visible id (read from this statement's snapshot, i.e. before the lock
+        // table), the virtual xids now writing to the table, and whether any of the pending
+        // fence's writers is still alive. Relay sessions never insert and are left out.
+        let fence_probe = format!(
+            "select (select max(id) from {t}) as high,
+                    array(select l.virtualtransaction from pg_locks l
+                          where l.locktype = 'relation' and l.relation = '{t}'::regclass
+                            and l.mode = 'RowExclusiveLock'
+                            and l.pid is distinct from pg_backend_pid()
+                            and l.pid not in (select a.pid from pg_stat_activity a
+                                              where a.application_name = '{APPLICATION_NAME}'))
+                        as writers,
+                    exists(select 1 from pg_locks v
+                           where v.locktype = 'virtualxid' and v.virtualxid = any($1))
+                        as pending_alive",
+            t = t.replace('\'', "''")
+        );
         Self {
             pool,
             lock_name: format!("outbox-relay:claim:{table}"),
@@ -194,7 +257,47 @@ impl Store {
             pending: sql(pending),
             delete_published: sql(delete_published),
             delete_dead: sql(delete_dead),
+            fence_probe: sql(fence_probe),
+            guard: commit_order_guard.then(|| Arc::new(Mutex::new(Guard::default()))),
         }
+    }
+
+    /// Advances the commit-order guard inside the claim transaction; returns the horizon and
+    /// whether visible rows lie beyond it. `None` horizon: the guard is off.
+    async fn horizon(
+        &self,
+        tx: &mut sqlx::PgConnection,
+    ) -> Result<(Option<i64>, bool), sqlx::Error> {
+        let Some(guard) = &self.guard else {
+            return Ok((None, false));
+        };
+        let pending_writers = guard
+            .lock()
+            .expect("guard lock poisoned")
+            .pending
+            .as_ref()
+            .map(|(_, writers)| writers.clone())
+            .unwrap_or_default();
+        let (high, writers, pending_alive): (Option<i64>, Vec<String>, bool) =
+            sqlx::query_as(self.fence_probe.clone())
+                .bind(&pending_writers)
+                .fetch_one(&mut *tx)
+                .await?;
+        let high = high.unwrap_or(0);
+        let mut guard = guard.lock().expect("guard lock poisoned");
+        if writers.is_empty() {
+            // Nobody can commit below `high` any more.
+            guard.horizon = guard.horizon.max(high);
+            guard.pending = None;
+        } else {
+            if let Some((fence_high, _)) = guard.pending.take_if(|_| !pending_alive) {
+                guard.horizon = guard.horizon.max(fence_high);
+            }
+            if guard.pending.is_none() {
+                guard.pending = Some((high, writers));
+            }
+        }
+        Ok((Some(guard.horizon), high > guard.horizon))
     }
 
     /// Claims up to `limit` due rows for `lease_duration`; see the module docs for the protocol.
@@ -202,7 +305,7 @@ impl Store {
         &self,
         limit: u32,
         lease_duration: Duration,
-    ) -> Result<Option<Batch>, StoreError> {
+    ) -> Result<Claimed, StoreError> {
         let err = StoreError::new("claim");
         let mut tx = self.pool.begin().await.map_err(err)?;
         sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
@@ -210,17 +313,25 @@ impl Store {
             .execute(&mut *tx)
             .await
             .map_err(StoreError::new("claim"))?;
+        let (horizon, held_back) = self
+            .horizon(&mut tx)
+            .await
+            .map_err(StoreError::new("claim"))?;
         let lease_ms = i64::try_from(lease_duration.as_millis()).unwrap_or(i64::MAX);
         let rows = sqlx::query(self.claim.clone())
             .bind(i64::from(limit))
             .bind(lease_ms)
             .bind(self.park_dead)
+            .bind(horizon)
             .fetch_all(&mut *tx)
             .await
             .map_err(StoreError::new("claim"))?;
         tx.commit().await.map_err(StoreError::new("claim"))?;
         let Some(first) = rows.first() else {
-            return Ok(None);
+            return Ok(Claimed {
+                batch: None,
+                held_back,
+            });
         };
         let lease = Lease {
             until: first.try_get("until").map_err(StoreError::new("claim"))?,
@@ -231,7 +342,10 @@ impl Store {
             .collect::<Result<Vec<_>, _>>()
             .map_err(StoreError::new("claim"))?;
         rows.sort_unstable_by_key(|r| r.id);
-        Ok(Some(Batch { rows, lease }))
+        Ok(Claimed {
+            batch: Some(Batch { rows, lease }),
+            held_back,
+        })
     }
 
     /// Marks acknowledged rows published, in one statement. Returns how many rows still carried

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError, OnDeadLetter, RetentionConfig, RetryConfig, SinkKind};
 use crate::health::Health;
-use crate::outbox::store::{self, Failure, Store, StoreError};
+use crate::outbox::store::{self, Claimed, Failure, Store, StoreError};
 use crate::outbox::{Batch, Lease, Table, listener};
 use crate::publisher::kafka::KafkaPublisher;
 use crate::publisher::rabbitmq::RabbitMqPublisher;
@@ -118,12 +118,15 @@ impl Outage {
 
 /// How often the backlog gauges are refreshed and, when idle, the broker is probed.
 const BACKLOG_INTERVAL: Duration = Duration::from_secs(10);
+/// How soon to claim again when the commit-order guard held back rows: the transactions it
+/// waits for are usually the application's short inserts.
+const HELD_BACK_RECHECK: Duration = Duration::from_millis(5);
 /// How long an idle-time broker probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Work the relay task polls: a claim, or a batch being published and settled.
 enum Done {
-    Claimed(Result<Option<Batch>, StoreError>),
+    Claimed(Result<Claimed, StoreError>),
     /// The idle-time broker probe's outcome.
     Probed(Result<(), String>),
     Settled {
@@ -192,6 +195,7 @@ impl Relay {
                 pool,
                 &table,
                 config.retry.on_dead_letter == OnDeadLetter::Park,
+                config.relay.commit_order_guard,
             ),
             listen_pool,
             table,
@@ -290,6 +294,8 @@ impl Relay {
         let mut want_claim = true;
         // Set while the broker or the database is failing: no claims until then.
         let mut paused_until: Option<Instant> = None;
+        // Set when the commit-order guard held rows back: claim again then.
+        let mut recheck_at: Option<Instant> = None;
         // Set once shutdown is requested: the in-flight work must end by then.
         let mut deadline: Option<Instant> = None;
         let mut poll = tokio::time::interval(self.poll_interval);
@@ -330,17 +336,23 @@ impl Relay {
                 }
                 // 2. Finished work.
                 Some(done) = work.next(), if !work.is_empty() => match done {
-                    Done::Claimed(Ok(Some(batch))) => {
+                    Done::Claimed(Ok(Claimed { batch: Some(batch), held_back })) => {
                         claiming = false;
                         self.database_ok();
                         want_claim = batch.rows.len() == self.batch_size as usize;
+                        if held_back && !want_claim {
+                            recheck_at = Some(Instant::now() + HELD_BACK_RECHECK);
+                        }
                         leases.push(batch.lease);
                         metrics::gauge!(metric::BATCHES_IN_FLIGHT).set(leases.len() as f64);
                         work.push(Box::pin(self.publish_and_settle(batch)));
                     }
-                    Done::Claimed(Ok(None)) => {
+                    Done::Claimed(Ok(Claimed { batch: None, held_back })) => {
                         claiming = false;
                         self.database_ok();
+                        if held_back {
+                            recheck_at = Some(Instant::now() + HELD_BACK_RECHECK);
+                        }
                     }
                     Done::Probed(outcome) => {
                         probing = false;
@@ -365,9 +377,13 @@ impl Relay {
                         }
                     }
                 },
-                // 3. End of a pause.
+                // 3. End of a pause; rows held back by the commit-order guard due for a look.
                 () = sleep_until_opt(paused_until), if paused_until.is_some() => {
                     paused_until = None;
+                    want_claim = true;
+                }
+                () = sleep_until_opt(recheck_at), if recheck_at.is_some() => {
+                    recheck_at = None;
                     want_claim = true;
                 }
                 // 4. Wake-ups: NOTIFY, the poll timer, the summary timer.

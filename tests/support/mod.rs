@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod oracle;
 pub mod postgres;
 pub mod rabbit;
 pub mod tls;
