@@ -7,8 +7,237 @@
 
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
+use sqlx::Connection;
+
 use crate::support::oracle::Verdict;
-use crate::support::{Broker, Outbox, WAIT};
+use crate::support::{Broker, Outbox, WAIT, wait_until};
+
+/// Makes the relay's mark of chosen rows wait: a trigger on the test's table takes an advisory
+/// lock the test holds, whenever an update sets `published_at` on a row matching `condition`.
+/// The broker has acknowledged those rows; the table does not know yet — the window a crash
+/// between ack and mark hits.
+struct MarkBlocker {
+    holder: sqlx::PgConnection,
+    table: String,
+}
+
+impl MarkBlocker {
+    async fn install(outbox: &Outbox, condition: &str) -> Self {
+        let t = &outbox.table;
+        outbox
+            .exec(&format!(
+                "create function {t}_block() returns trigger language plpgsql as $$
+                 begin
+                     if new.published_at is not null and old.published_at is null and ({condition}) then
+                         perform pg_advisory_xact_lock(hashtext('{t}'));
+                     end if;
+                     return new;
+                 end $$;
+                 create trigger {t}_block before update on {t}
+                     for each row execute function {t}_block();"
+            ))
+            .await;
+        let mut holder = sqlx::PgConnection::connect(&outbox.database_url)
+            .await
+            .unwrap();
+        sqlx::query("select pg_advisory_lock(hashtext($1))")
+            .bind(t)
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        Self {
+            holder,
+            table: t.clone(),
+        }
+    }
+
+    /// The relay sessions whose mark of this table waits on the blocker.
+    async fn blocked_marks(&self, outbox: &Outbox) -> Vec<i32> {
+        sqlx::query_scalar(
+            "select pid from pg_stat_activity
+             where application_name = 'outbox-relay' and wait_event = 'advisory'
+               and query like 'update \"' || $1 || '\" set published_at%'",
+        )
+        .bind(&self.table)
+        .fetch_all(&outbox.pool)
+        .await
+        .unwrap()
+    }
+
+    async fn wait_blocked(&self, outbox: &Outbox) {
+        wait_until(WAIT, "a relay mark waiting on the blocker", || async {
+            !self.blocked_marks(outbox).await.is_empty()
+        })
+        .await;
+    }
+
+    /// Ends the blocked marks' sessions, so the marks never commit (the relay that sent them is
+    /// gone, as after a crash).
+    async fn terminate_blocked(&self, outbox: &Outbox) {
+        for pid in self.blocked_marks(outbox).await {
+            sqlx::query("select pg_terminate_backend($1)")
+                .bind(pid)
+                .execute(&outbox.pool)
+                .await
+                .unwrap();
+        }
+    }
+
+    async fn remove(mut self, outbox: &Outbox) {
+        let t = &self.table;
+        outbox
+            .exec(&format!(
+                "drop trigger {t}_block on {t}; drop function {t}_block();"
+            ))
+            .await;
+        sqlx::query("select pg_advisory_unlock_all()")
+            .execute(&mut self.holder)
+            .await
+            .unwrap();
+    }
+}
+
+/// Reads until `distinct` events arrived, then a second more for trailing duplicates.
+async fn drain(
+    reader: &mut crate::support::Reader,
+    distinct: usize,
+) -> Vec<crate::support::Received> {
+    reader.read_distinct(distinct, WAIT).await;
+    reader.read_for(Duration::from_secs(1)).await
+}
+
+/// Short leases, so a killed relay's rows come back within seconds.
+fn short_leases(outbox: &mut Outbox) {
+    outbox.relay.insert("lease_duration", "\"3s\"".to_owned());
+    outbox
+        .kafka_properties
+        .insert("message.timeout.ms", "\"1500\"".to_owned());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_between_ack_and_mark_duplicates_only_the_batches_in_flight() {
+    // GIVEN 300 events of 10 aggregates and a relay (batches of 100, 2 in flight) whose marks
+    // cannot complete
+    let mut outbox = Outbox::for_broker(Broker::Kafka).await;
+    short_leases(&mut outbox);
+    outbox.relay.insert("batch_size", "100".to_owned());
+    let mut reader = outbox.reader("order", 3).await;
+    for a in 0..10 {
+        outbox.insert("order", &format!("o-{a}"), 0..30).await;
+    }
+    let blocker = MarkBlocker::install(&outbox, "true").await;
+    let mut relay = outbox.start();
+
+    // WHEN the broker has acknowledged a batch whose mark is waiting, the relay is killed
+    blocker.wait_blocked(&outbox).await;
+    let acked = reader.read_at_least(100, WAIT).await.len();
+    assert_eq!(
+        outbox.counts().await.0,
+        0,
+        "the fault: acked, yet nothing marked"
+    );
+    relay.signal(Signal::SIGKILL);
+    relay.kill();
+    blocker.terminate_blocked(&outbox).await;
+    blocker.remove(&outbox).await;
+
+    // THEN a new relay publishes everything after the lease runs out, and the only duplicates
+    // are the rows that were acknowledged but not marked (at most 2 batches)
+    let restarted = Instant::now();
+    let _relay = outbox.start();
+    outbox.wait_all_published(WAIT).await;
+    let recovery = restarted.elapsed();
+    let received = drain(&mut reader, 300).await;
+    let verdict = Verdict::judge("crash between broker ack and mark", &outbox, &received)
+        .await
+        .recovered_in(recovery);
+    assert!(verdict.duplicates >= 100.min(acked), "{verdict:#?}");
+    verdict.assert_holds(200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_that_crashes_the_relay_is_dead_lettered_after_max_attempts_restarts() {
+    // GIVEN max_attempts = 3, a "poison" row whose processing kills the relay every time
+    // (its mark blocks, then the relay is killed), its aggregate's next row, and 60 others
+    let mut outbox = Outbox::for_broker(Broker::Kafka).await;
+    short_leases(&mut outbox);
+    outbox.retry.insert("max_attempts", "3".to_owned());
+    let mut reader = outbox.reader("order", 1).await;
+    outbox.insert("order", "a-1", 0..30).await;
+    outbox
+        .exec(
+            "insert into {table} (aggregate_type, aggregate_id, event_type, payload)
+             values ('order', 'poison', 'happened', '{\"seq\": 0, \"poison\": true}'),
+                    ('order', 'poison', 'happened', '{\"seq\": 1}')",
+        )
+        .await;
+    outbox.insert("order", "a-2", 0..30).await;
+    let blocker = MarkBlocker::install(&outbox, "new.payload ? 'poison'").await;
+
+    // WHEN the relay is restarted after every crash
+    let mut crashes = 0;
+    let poison_state = || async {
+        sqlx::query_as::<_, (i32, bool)>(sqlx::AssertSqlSafe(format!(
+            "select attempts, dead_lettered_at is not null from {}
+             where payload ? 'poison'",
+            outbox.table
+        )))
+        .fetch_one(&outbox.pool)
+        .await
+        .unwrap()
+    };
+    let started = Instant::now();
+    let _relay = loop {
+        let mut relay = outbox.start();
+        let dead = async {
+            wait_until(WAIT, "poison row dead-lettered", || async {
+                poison_state().await.1
+            })
+            .await
+        };
+        tokio::select! {
+            () = blocker.wait_blocked(&outbox) => {
+                relay.signal(Signal::SIGKILL);
+                relay.kill();
+                blocker.terminate_blocked(&outbox).await;
+                crashes += 1;
+                assert!(crashes <= 3, "still crashing after 3 attempts");
+            }
+            () = dead => break relay,
+        }
+    };
+    let recovery = started.elapsed();
+
+    // THEN it crashed the relay exactly max_attempts times and then was dead-lettered
+    // without another try, with a reason; its successor is parked, everything else flowed
+    assert_eq!(crashes, 3);
+    let (attempts, _) = poison_state().await;
+    assert_eq!(attempts, 4);
+    let error: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "select last_error from {} where payload ? 'poison'",
+        outbox.table
+    )))
+    .fetch_one(&outbox.pool)
+    .await
+    .unwrap();
+    assert!(error.contains("exceeds retry.max_attempts"), "{error}");
+    wait_until(WAIT, "the other 60 events published", || async {
+        outbox.counts().await.0 == 60
+    })
+    .await;
+    blocker.remove(&outbox).await;
+    // All 62 were acknowledged in the first batch (the poison row's successor too, before it
+    // was parked), so all 62 are in the topic.
+    let received = drain(&mut reader, 62).await;
+    let verdict = Verdict::judge("row that crashes the relay", &outbox, &received)
+        .await
+        .recovered_in(recovery);
+    assert_eq!(verdict.dead_lettered, 1, "{verdict:#?}");
+    // The poison row itself was acknowledged on each of its 3 attempts; its first batch-mates
+    // once more each.
+    verdict.assert_holds(2 + 62);
+}
 
 /// Inserts event `seq` of `aggregate_id` inside an open transaction.
 async fn insert_in(tx: &mut sqlx::PgConnection, outbox: &Outbox, aggregate_id: &str, seq: i64) {

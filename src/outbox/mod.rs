@@ -106,6 +106,10 @@ pub struct OutboxRow {
     pub created_at: DateTime<Utc>,
     /// Delivery attempts, this one included.
     pub attempts: i32,
+    /// An earlier attempt ended with no outcome recorded (the relay crashed, was killed or lost
+    /// its lease while publishing): the row is suspected of crashing the relay and is published
+    /// on its own.
+    pub abandoned: bool,
 }
 
 /// The fencing token of one claim: the lease expiry written into `next_attempt_at` of every row

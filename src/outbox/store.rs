@@ -183,7 +183,9 @@ impl Store {
              where o.id = c.id
              returning o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
                        o.payload::text as payload, o.headers::text as headers, o.created_at,
-                       o.attempts, lease.until"
+                       o.attempts, lease.until,
+                       -- attempts counts this claim: an earlier one left no outcome
+                       o.attempts > 1 and o.last_error is null as abandoned"
         );
         let mark = format!(
             "update {t} set published_at = now(), next_attempt_at = null
@@ -582,5 +584,6 @@ fn decode_row(row: &PgRow) -> Result<OutboxRow, sqlx::Error> {
         headers: row.try_get("headers")?,
         created_at: row.try_get("created_at")?,
         attempts: row.try_get("attempts")?,
+        abandoned: row.try_get("abandoned")?,
     })
 }

@@ -276,6 +276,7 @@ mod tests {
             headers: headers.into(),
             created_at: chrono::Utc::now(),
             attempts: 1,
+            abandoned: false,
         }
     }
 

@@ -80,6 +80,7 @@ mod tests {
             headers: "{}".into(),
             created_at: chrono::Utc::now(),
             attempts: 1,
+            abandoned: false,
         }
     }
 

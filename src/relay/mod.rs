@@ -9,7 +9,8 @@
 
 pub(crate) mod backoff;
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ConfigError, OnDeadLetter, RetentionConfig, RetryConfig, SinkKind};
 use crate::health::Health;
 use crate::outbox::store::{self, Claimed, Failure, Store, StoreError};
-use crate::outbox::{Batch, Lease, Table, listener};
+use crate::outbox::{Batch, Lease, OutboxRow, Table, listener};
 use crate::publisher::kafka::KafkaPublisher;
 use crate::publisher::rabbitmq::RabbitMqPublisher;
 use crate::publisher::{Allowed, ErrorClass, Publisher, Sink};
@@ -450,7 +451,82 @@ impl Relay {
     }
 
     /// Publishes the batch and records every row's outcome.
-    async fn publish_and_settle(&self, batch: Batch) -> Done {
+    /// Moves rows past their attempt budget into `failures` (dead) and, in park mode, their
+    /// aggregates' later rows into `held_back`. Returns whether there were any.
+    fn exhausted(
+        &self,
+        batch: &Batch,
+        failures: &mut Vec<Failure>,
+        held_back: &mut Vec<i64>,
+    ) -> bool {
+        let budget = i64::from(self.retry.max_attempts);
+        if batch.rows.iter().all(|r| i64::from(r.attempts) <= budget) {
+            return false;
+        }
+        let park = self.retry.on_dead_letter == OnDeadLetter::Park;
+        let mut parked: HashSet<&str> = HashSet::new();
+        for row in &batch.rows {
+            if i64::from(row.attempts) > budget {
+                let error = format!(
+                    "attempt {} exceeds retry.max_attempts = {budget}: every earlier attempt ended without an outcome (the relay crashed, was killed or lost its lease while publishing this row)",
+                    row.attempts
+                );
+                tracing::error!(
+                    event_id = %row.event_id,
+                    aggregate_id = %row.aggregate_id,
+                    attempt = row.attempts,
+                    error = %error,
+                    "event dead-lettered"
+                );
+                failures.push(Failure {
+                    id: row.id,
+                    error,
+                    retry_in: Duration::ZERO,
+                    dead: true,
+                });
+                if park {
+                    parked.insert(&row.aggregate_id);
+                }
+            } else if parked.contains(row.aggregate_id.as_str()) {
+                held_back.push(row.id);
+            }
+        }
+        true
+    }
+
+    /// A batch holding a row whose earlier attempt ended without an outcome publishes only
+    /// that row (and any earlier rows of its aggregate): if the row is what crashes the relay,
+    /// only it uses up attempts, and its batch-mates, given back here without losing one, flow
+    /// on. The row is dead-lettered once its attempts exceed `retry.max_attempts`.
+    async fn isolate_abandoned(&self, batch: &mut Batch) {
+        let Some(suspect) = batch.rows.iter().find(|r| r.abandoned) else {
+            return;
+        };
+        if batch.rows.len() == 1 {
+            return;
+        }
+        let (aggregate, last) = (suspect.aggregate_id.clone(), suspect.id);
+        tracing::warn!(
+            event_id = %suspect.event_id,
+            aggregate_id = %suspect.aggregate_id,
+            attempt = suspect.attempts,
+            "publishing alone: an earlier attempt ended without an outcome (crash, kill or lost lease)"
+        );
+        let (keep, others): (Vec<OutboxRow>, Vec<OutboxRow>) = std::mem::take(&mut batch.rows)
+            .into_iter()
+            .partition(|r| r.aggregate_id == aggregate && r.id <= last);
+        batch.rows = keep;
+        let ids: Vec<i64> = others.iter().map(|r| r.id).collect();
+        // On failure the lease runs out and the rows come back then.
+        let _ = self
+            .settle("release", batch.lease, || {
+                self.store.release(&ids, batch.lease, None)
+            })
+            .await;
+    }
+
+    async fn publish_and_settle(&self, mut batch: Batch) -> Done {
+        self.isolate_abandoned(&mut batch).await;
         let started = Instant::now();
         let settled = self.settle_batch(&batch).await;
         let sink = self.sink.to_string();
@@ -473,13 +549,35 @@ impl Relay {
     /// Publishes and records. `None` when recording failed for longer than the lease allows
     /// (the rows are published again later).
     async fn settle_batch(&self, batch: &Batch) -> Option<Settled> {
-        let outcomes = self.sink.publish(&batch.rows).await;
         let mut acked = Vec::new();
         let mut failures = Vec::new();
         let mut released = Vec::new();
         let mut held_back = Vec::new();
         let mut settled = Settled::default();
-        for (row, outcome) in batch.rows.iter().zip(outcomes) {
+        // A row claimed more often than `max_attempts` had attempts that ended with no outcome
+        // recorded: the relay died (or lost its lease) while publishing it, every time. It is
+        // dead-lettered without another try, so a row that crashes the relay cannot keep it in
+        // a crash loop; in park mode its aggregate's later rows in this batch wait with it.
+        let exhausted = self.exhausted(batch, &mut failures, &mut held_back);
+        let to_publish: Cow<'_, [OutboxRow]> = if exhausted {
+            let skip: HashSet<i64> = failures
+                .iter()
+                .map(|f| f.id)
+                .chain(held_back.iter().copied())
+                .collect();
+            Cow::Owned(
+                batch
+                    .rows
+                    .iter()
+                    .filter(|r| !skip.contains(&r.id))
+                    .cloned()
+                    .collect(),
+            )
+        } else {
+            Cow::Borrowed(&batch.rows)
+        };
+        let outcomes = self.sink.publish(&to_publish).await;
+        for (row, outcome) in to_publish.iter().zip(outcomes) {
             let err = match outcome {
                 Ok(()) => {
                     acked.push(row.id);
@@ -544,6 +642,7 @@ impl Relay {
             self.broker_ok();
         }
         settled.acked = acked.len();
+        failures.sort_unstable_by_key(|f| f.id);
 
         let marked = self
             .settle("mark", batch.lease, || {

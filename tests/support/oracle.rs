@@ -1,7 +1,7 @@
 //! The fault suite's oracle: compares what the table holds with what the broker delivered.
 //!
 //! After a scenario it counts, over every committed row: lost (neither delivered nor
-//! dead-lettered), duplicates (deliveries beyond the first), unexpected deliveries (event ids
+//! dead-lettered nor parked behind a dead letter), duplicates (deliveries beyond the first), unexpected deliveries (event ids
 //! the table never committed), per-aggregate order violations (an aggregate's first deliveries
 //! out of `id` order) and marked-but-missing rows (`published_at` set, yet never delivered:
 //! the one thing the relay must never do). With `FAULTS_REPORT` set, each verdict is appended
@@ -19,6 +19,9 @@ pub struct Verdict {
     /// Committed rows.
     pub events: usize,
     pub dead_lettered: usize,
+    /// Not delivered because an earlier row of the aggregate is dead-lettered (park mode):
+    /// held, visible and requeueable, not lost.
+    pub parked: usize,
     /// Distinct events delivered.
     pub delivered: usize,
     pub lost: usize,
@@ -67,10 +70,25 @@ impl Verdict {
             *last = (*last).max(id);
         }
         let delivered = first_seen.len();
-        let lost = rows
+        let mut first_dead: HashMap<&str, i64> = HashMap::new();
+        for (_, aggregate, id, dead, _) in &rows {
+            if *dead {
+                first_dead.entry(aggregate.as_str()).or_insert(*id);
+            }
+        }
+        let undelivered: Vec<_> = rows
             .iter()
             .filter(|(event, _, _, dead, _)| !dead && !first_seen.contains(event))
+            .collect();
+        let parked = undelivered
+            .iter()
+            .filter(|(_, aggregate, id, _, _)| {
+                first_dead
+                    .get(aggregate.as_str())
+                    .is_some_and(|dead| dead < id)
+            })
             .count();
+        let lost = undelivered.len() - parked;
         let marked_not_delivered = rows
             .iter()
             .filter(|(event, _, _, _, published)| *published && !first_seen.contains(event))
@@ -80,6 +98,7 @@ impl Verdict {
             broker: format!("{:?}", outbox.broker),
             events: rows.len(),
             dead_lettered: rows.iter().filter(|r| r.3).count(),
+            parked,
             delivered,
             lost,
             duplicates: received.len() - unexpected - delivered,
