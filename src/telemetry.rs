@@ -81,6 +81,9 @@ pub mod metric {
     pub const BATCH_SIZE: &str = "outbox_relay_batch_size";
     /// Histogram, label `sink`: publish + settle time of a batch.
     pub const BATCH_DURATION: &str = "outbox_relay_batch_duration_seconds";
+    /// Counter: batches whose lease ran out before their outcome was recorded (this instance
+    /// was paused or too slow; another took the rows over, and its own writes were fenced).
+    pub const LEASES_LOST: &str = "outbox_relay_leases_lost_total";
     /// Gauge: batches this instance holds leases for (its share of the table's work).
     pub const BATCHES_IN_FLIGHT: &str = "outbox_relay_batches_in_flight";
     /// Counter, label `rows` (`published`, `dead`): rows deleted by retention.

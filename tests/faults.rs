@@ -334,3 +334,80 @@ async fn without_the_commit_order_guard_a_late_commit_is_overtaken() {
     let verdict = Verdict::judge("(guard off) out-of-order commit", &outbox, &received).await;
     assert_eq!(verdict.order_violations, 1, "{verdict:#?}");
 }
+
+/// Rows of the test's table under a live lease, and whether a relay session of this table is
+/// inside a transaction (a claim).
+async fn lease_state(outbox: &Outbox) -> (i64, bool) {
+    let leased: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "select count(*) from {} where published_at is null and next_attempt_at > now()",
+        outbox.table
+    )))
+    .fetch_one(&outbox.pool)
+    .await
+    .unwrap();
+    let in_claim: bool = sqlx::query_scalar(
+        "select exists(select 1 from pg_stat_activity
+                       where application_name = 'outbox-relay' and state like 'idle in transaction%'
+                         and query like '%' || $1 || '%')",
+    )
+    .bind(&outbox.table)
+    .fetch_one(&outbox.pool)
+    .await
+    .unwrap();
+    (leased, in_claim)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_instance_is_taken_over_and_fenced_when_it_wakes() {
+    // GIVEN instance A draining 20 000 events of 50 aggregates with 3 s leases
+    let mut outbox = Outbox::for_broker(Broker::Kafka).await;
+    short_leases(&mut outbox);
+    outbox.relay.insert("batch_size", "100".to_owned());
+    let mut reader = outbox.reader("order", 3).await;
+    for a in 0..50 {
+        outbox.insert("order", &format!("o-{a}"), 0..400).await;
+    }
+    let a = outbox.start();
+
+    // WHEN A is paused (SIGSTOP) while it holds leased rows, outside a claim transaction
+    let stopped_with = loop {
+        wait_until(WAIT, "A holding leases", || async {
+            lease_state(&outbox).await.0 > 0
+        })
+        .await;
+        a.signal(Signal::SIGSTOP);
+        let (leased, in_claim) = lease_state(&outbox).await;
+        if leased > 0 && !in_claim {
+            break leased;
+        }
+        a.signal(Signal::SIGCONT);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let published_at_stop = outbox.counts().await.0;
+    assert!(published_at_stop < 20_000, "the fault: A stopped mid-drain");
+
+    // THEN B, started while A sleeps, takes A's rows over once their lease has run out and
+    // publishes everything
+    let stopped = Instant::now();
+    let b = outbox.start();
+    outbox.wait_all_published(WAIT).await;
+    let recovery = stopped.elapsed();
+    assert!(
+        recovery >= Duration::from_secs(2),
+        "A's rows waited for their lease ({recovery:?})"
+    );
+
+    // AND when A wakes up, its late marks change nothing (fenced) and it says so
+    a.signal(Signal::SIGCONT);
+    a.wait_for_log("lease lost", WAIT).await;
+    let received = drain(&mut reader, 20_000).await;
+    let verdict = Verdict::judge("SIGSTOP past the lease, then SIGCONT", &outbox, &received)
+        .await
+        .recovered_in(recovery);
+    assert!(
+        b.logs().contains("relay started") && stopped_with > 0,
+        "{stopped_with}"
+    );
+    // At most A's batches in flight are published twice.
+    verdict.assert_holds(200);
+}

@@ -76,20 +76,33 @@ impl StoreError {
     }
 }
 
-/// Connection options for every relay session: application name, statement timeout, and
-/// `synchronous_commit = off`. Asynchronous commit is safe here: a claim or mark lost in a
-/// database crash only makes a row publish again (a duplicate, which at-least-once allows), it
-/// can never make a row count as published when it was not; the application's own transactions
-/// keep their setting.
+/// Connection options for every relay session: application name, statement timeout,
+/// `idle_in_transaction_session_timeout`, and `synchronous_commit = off`.
+///
+/// The relay's only transactions are claims, whose statements follow each other at once; a
+/// session idle inside one belongs to a relay that is paused (SIGSTOP, a stalled VM) or hung,
+/// and it holds the table's claim lock. PostgreSQL ends such a session after
+/// [`IDLE_IN_TRANSACTION_TIMEOUT`], so the other instances go on claiming.
+///
+/// Asynchronous commit is safe here: a claim or mark lost in a database crash only makes a row
+/// publish again (a duplicate, which at-least-once allows), it can never make a row count as
+/// published when it was not; the application's own transactions keep their setting.
 pub(crate) fn connect_options(config: &DatabaseConfig) -> Result<PgConnectOptions, sqlx::Error> {
     let timeout_ms = config.statement_timeout.as_millis().to_string();
     Ok(PgConnectOptions::from_str(config.url().expose_secret())?
         .application_name(APPLICATION_NAME)
         .options([
             ("statement_timeout", timeout_ms.as_str()),
+            (
+                "idle_in_transaction_session_timeout",
+                IDLE_IN_TRANSACTION_TIMEOUT,
+            ),
             ("synchronous_commit", "off"),
         ]))
 }
+
+/// See [`connect_options`].
+pub(crate) const IDLE_IN_TRANSACTION_TIMEOUT: &str = "5s";
 
 /// A lazily connected pool: the relay starts even when the database is down and keeps retrying.
 pub(crate) fn pool(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {

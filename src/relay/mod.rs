@@ -649,19 +649,13 @@ impl Relay {
                 self.store.mark_published(&acked, batch.lease)
             })
             .await?;
-        if marked < acked.len() as u64 {
-            tracing::warn!(
-                acked = acked.len(),
-                marked,
-                "lease lost: rows were taken over by another instance and will be published again"
-            );
-        }
         self.stats.published.fetch_add(marked, Ordering::Relaxed);
         self.count_outcomes(batch, &acked, &failures);
-        self.settle("retry", batch.lease, || {
-            self.store.record_failures(&failures, batch.lease)
-        })
-        .await?;
+        let recorded = self
+            .settle("retry", batch.lease, || {
+                self.store.record_failures(&failures, batch.lease)
+            })
+            .await?;
         let dead = failures.iter().filter(|f| f.dead).count() as u64;
         self.stats.dead_lettered.fetch_add(dead, Ordering::Relaxed);
         self.stats
@@ -670,14 +664,30 @@ impl Relay {
         // Transient failures keep their attempt; the batch's (first) error is kept on the rows
         // for operators to see.
         let outage_error = settled.broker_error.as_ref().map(|(_, e)| e.as_str());
-        self.settle("release", batch.lease, || {
-            self.store.release(&released, batch.lease, outage_error)
-        })
-        .await?;
-        self.settle("release", batch.lease, || {
-            self.store.release(&held_back, batch.lease, None)
-        })
-        .await?;
+        let released_rows = self
+            .settle("release", batch.lease, || {
+                self.store.release(&released, batch.lease, outage_error)
+            })
+            .await?
+            + self
+                .settle("release", batch.lease, || {
+                    self.store.release(&held_back, batch.lease, None)
+                })
+                .await?;
+        // Every statement above is fenced by the lease: rows it did not touch were taken over
+        // by another instance after this one's lease ran out (it was paused or too slow).
+        let expected = acked.len() + failures.len() + released.len() + held_back.len();
+        let settled_rows = marked + recorded + released_rows;
+        if settled_rows < expected as u64 {
+            metrics::counter!(metric::LEASES_LOST).increment(1);
+            tracing::warn!(
+                rows = expected,
+                settled = settled_rows,
+                acked = acked.len(),
+                marked,
+                "lease lost: rows were taken over by another instance; the acknowledged ones were published twice"
+            );
+        }
         Some(settled)
     }
 
