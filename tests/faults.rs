@@ -11,6 +11,7 @@ use nix::sys::signal::Signal;
 use sqlx::Connection;
 
 use crate::support::oracle::Verdict;
+use crate::support::postgres::PrivatePostgres;
 use crate::support::{Broker, Outbox, WAIT, wait_until};
 
 /// Makes the relay's mark of chosen rows wait: a trigger on the test's table takes an advisory
@@ -410,4 +411,94 @@ async fn a_paused_instance_is_taken_over_and_fenced_when_it_wakes() {
     );
     // At most A's batches in flight are published twice.
     verdict.assert_holds(200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminated_listen_connection_comes_back_and_wakes_the_relay() {
+    // GIVEN a relay that polls only every 60 s, so only NOTIFY can deliver quickly
+    let mut outbox = Outbox::for_broker(Broker::Kafka).await;
+    outbox.relay.insert("poll_interval", "\"60s\"".to_owned());
+    let mut reader = outbox.reader("order", 1).await;
+    let relay = outbox.start();
+    outbox.insert("order", "o-1", 0..1).await;
+    reader.read_distinct(1, WAIT).await;
+
+    // WHEN its LISTEN session is terminated, and events are written while it is gone
+    let terminated: Vec<bool> = sqlx::query_scalar(
+        "select pg_terminate_backend(pid) from pg_stat_activity
+         where application_name = 'outbox-relay' and query ilike 'listen %' and query like '%' || $1 || '%'",
+    )
+    .bind(&outbox.table)
+    .fetch_all(&outbox.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        terminated,
+        vec![true],
+        "the fault: one LISTEN session ended"
+    );
+    let gone = Instant::now();
+    outbox.insert("order", "o-1", 1..3).await;
+
+    // THEN they are published long before the next poll: the relay reconnects and, since
+    // notifications sent meanwhile are lost, polls once on reconnecting
+    outbox.wait_all_published(Duration::from_secs(15)).await;
+    let recovery = gone.elapsed();
+    relay.wait_for_log("listen connection", WAIT).await;
+
+    // AND the next notification arrives on the new connection
+    outbox.insert("order", "o-1", 3..4).await;
+    outbox.wait_all_published(Duration::from_secs(15)).await;
+    let received = drain(&mut reader, 4).await;
+    Verdict::judge("LISTEN connection terminated", &outbox, &received)
+        .await
+        .recovered_in(recovery)
+        .assert_holds(0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgres_crash_and_restart_mid_drain_loses_nothing() {
+    // GIVEN a relay draining 10 000 events from its own PostgreSQL server
+    let mut server = PrivatePostgres::start(None).await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_lazy(&server.url())
+        .unwrap();
+    let mut outbox = Outbox::unmigrated_at(server.url(), pool);
+    outbox.migrate().success();
+    outbox.relay.insert("batch_size", "200".to_owned());
+    let mut reader = outbox.reader("order", 3).await;
+    for a in 0..20 {
+        outbox.insert("order", &format!("o-{a}"), 0..500).await;
+    }
+    let relay = outbox.start();
+    wait_until(WAIT, "the drain under way", || async {
+        outbox.counts().await.0 > 0
+    })
+    .await;
+
+    // WHEN PostgreSQL stops immediately (no checkpoint: crash recovery at start), mid-drain,
+    // and comes back
+    server.stop(Signal::SIGQUIT).await;
+    relay.wait_for_log("database unavailable", WAIT).await;
+    server.start_server().await;
+    let back = Instant::now();
+    assert!(
+        outbox.counts().await.0 < 10_000,
+        "the fault: the drain was cut"
+    );
+
+    // THEN the relay reconnects by itself and publishes everything
+    outbox.wait_all_published(WAIT).await;
+    let recovery = back.elapsed();
+    relay.wait_for_log("database available again", WAIT).await;
+    let received = drain(&mut reader, 10_000).await;
+    Verdict::judge(
+        "PostgreSQL crash (immediate stop) and restart",
+        &outbox,
+        &received,
+    )
+    .await
+    .recovered_in(recovery)
+    .assert_holds(1_000);
 }
