@@ -502,3 +502,205 @@ async fn a_postgres_crash_and_restart_mid_drain_loses_nothing() {
     .recovered_in(recovery)
     .assert_holds(1_000);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rabbitmq_nacks_from_a_full_queue_are_retried_until_it_drains() {
+    // GIVEN the only queue bound to the exchange holds 5 messages and rejects further
+    // publishes (x-overflow = reject-publish: the broker nacks them), and 30 events of 30
+    // aggregates
+    let outbox = Outbox::for_broker(Broker::RabbitMq).await;
+    let mut arguments = lapin::types::FieldTable::default();
+    arguments.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(5));
+    arguments.insert(
+        "x-overflow".into(),
+        lapin::types::AMQPValue::LongString("reject-publish".into()),
+    );
+    let queue =
+        crate::support::rabbit::bind_queue_with(&outbox.exchange(), "order.#", arguments).await;
+    for a in 0..30 {
+        outbox.insert("order", &format!("o-{a}"), 0..1).await;
+    }
+    let _relay = outbox.start();
+
+    // WHEN the queue is full, the broker nacks the rest (the fault) and the relay keeps them
+    wait_until(WAIT, "a nacked row", || async {
+        let nacked: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "select count(*) from {} where published_at is null and last_error like '%nacked%'",
+            outbox.table
+        )))
+        .fetch_one(&outbox.pool)
+        .await
+        .unwrap();
+        nacked > 0
+    })
+    .await;
+    assert_eq!(
+        outbox.counts().await.0,
+        5,
+        "only what the queue took is marked"
+    );
+
+    // THEN once a consumer drains the queue, the nacked rows go out on the relay's retries
+    let drained = Instant::now();
+    let mut reader = crate::support::Reader::RabbitMq(Box::new(
+        crate::support::rabbit::QueueReader::new(&queue).await,
+    ));
+    outbox.wait_all_published(WAIT).await;
+    let recovery = drained.elapsed();
+    let received = drain(&mut reader, 30).await;
+    Verdict::judge(
+        "RabbitMQ nack (full queue, reject-publish)",
+        &outbox,
+        &received,
+    )
+    .await
+    .recovered_in(recovery)
+    .assert_holds(0);
+}
+
+type Mock = rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
+
+/// A librdkafka mock cluster (one broker, in this process) with the test's topic, and an
+/// outbox publishing to it with short timeouts.
+async fn mock_kafka() -> (Mock, Outbox) {
+    let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    let mut outbox = Outbox::for_broker(Broker::Kafka).await;
+    short_leases(&mut outbox);
+    outbox
+        .kafka
+        .insert("brokers", format!("\"{}\"", mock.bootstrap_servers()));
+    mock.create_topic(&outbox.topic("order"), 1, 1)
+        .expect("create topic");
+    (mock, outbox)
+}
+
+/// Reads the test's topic on the mock cluster from the beginning.
+async fn mock_reader(mock: &Mock, outbox: &Outbox) -> crate::support::Reader {
+    let topic = outbox.topic("order");
+    let mut client = rdkafka::ClientConfig::new();
+    client.set("bootstrap.servers", mock.bootstrap_servers());
+    let reader = tokio::task::spawn_blocking(move || {
+        crate::support::kafka::TopicReader::with_client(&topic, client)
+    })
+    .await
+    .unwrap();
+    crate::support::Reader::Kafka(reader)
+}
+
+/// Whether a relay session of this table has been idle inside a transaction for over 500 ms
+/// (a claim's own statements follow each other within milliseconds).
+async fn relay_idle_in_transaction(outbox: &Outbox) -> bool {
+    sqlx::query_scalar(
+        "select exists(select 1 from pg_stat_activity
+                       where application_name = 'outbox-relay' and state like 'idle in transaction%'
+                         and clock_timestamp() - state_change > interval '500 ms'
+                         and query like '%' || $1 || '%')",
+    )
+    .bind(&outbox.table)
+    .fetch_one(&outbox.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_down_longer_than_the_message_timeout_loses_nothing() {
+    // GIVEN a relay draining 2 000 events into a (mock) Kafka broker, message.timeout.ms 1.5 s
+    let (mock, outbox) = mock_kafka().await;
+    for a in 0..20 {
+        outbox.insert("order", &format!("o-{a}"), 0..100).await;
+    }
+    outbox.insert("order", "o-0", 100..101).await;
+    let relay = outbox.start();
+    wait_until(WAIT, "the drain under way", || async {
+        outbox.counts().await.0 > 0
+    })
+    .await;
+
+    // WHEN the broker goes down until deliveries time out in the producer (the fault), while no
+    // relay session sits idle in a transaction during the stall
+    mock.broker_down(1).expect("broker down");
+    let idle_in_transaction = std::sync::atomic::AtomicBool::new(false);
+    wait_until(WAIT, "a delivery timed out", || async {
+        if relay_idle_in_transaction(&outbox).await {
+            idle_in_transaction.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        let timed_out: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "select count(*) from {} where published_at is null and last_error ilike '%timed out%'",
+            outbox.table
+        )))
+        .fetch_one(&outbox.pool)
+        .await
+        .unwrap();
+        timed_out > 0
+    })
+    .await;
+    assert!(
+        !idle_in_transaction.into_inner(),
+        "a relay session was idle in a transaction"
+    );
+    relay.wait_for_log("broker unavailable", WAIT).await;
+    let attempts_before: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "select coalesce(max(attempts), 0)::bigint from {} where published_at is null",
+        outbox.table
+    )))
+    .fetch_one(&outbox.pool)
+    .await
+    .unwrap();
+    assert!(attempts_before <= 1, "an outage uses up no attempts");
+
+    // THEN when it is back, everything is published
+    mock.broker_up(1).expect("broker up");
+    let back = Instant::now();
+    outbox.wait_all_published(WAIT).await;
+    let recovery = back.elapsed();
+    let mut reader = mock_reader(&mock, &outbox).await;
+    let received = drain(&mut reader, 2_001).await;
+    Verdict::judge(
+        "Kafka broker down > message.timeout.ms (mock)",
+        &outbox,
+        &received,
+    )
+    .await
+    .recovered_in(recovery)
+    .assert_holds(1_000);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_produce_errors_are_retried_without_loss_or_reordering() {
+    // GIVEN a (mock) Kafka broker that answers the next produce requests with errors: three
+    // retriable ones (librdkafka retries them itself) and then one permanent one
+    let (mock, outbox) = mock_kafka().await;
+    let mut reader = mock_reader(&mock, &outbox).await;
+    use rdkafka::types::RDKafkaRespErr::*;
+    mock.request_errors(
+        rdkafka::types::RDKafkaApiKey::Produce,
+        &[
+            RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+            RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+            RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+            RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE,
+        ],
+    );
+
+    // WHEN 500 events of 5 aggregates are published
+    for a in 0..5 {
+        outbox.insert("order", &format!("o-{a}"), 0..100).await;
+    }
+    let _relay = outbox.start();
+
+    // THEN the permanent error cost the rows of that request an attempt (the fault fired),
+    // and every event arrives, once, in order
+    outbox.wait_all_published(WAIT).await;
+    let retried: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "select count(*) from {} where attempts > 1",
+        outbox.table
+    )))
+    .fetch_one(&outbox.pool)
+    .await
+    .unwrap();
+    assert!(retried > 0, "no row was retried");
+    let received = drain(&mut reader, 500).await;
+    Verdict::judge("Kafka produce request errors (mock)", &outbox, &received)
+        .await
+        .assert_holds(0);
+}

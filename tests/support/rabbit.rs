@@ -41,6 +41,11 @@ async fn connect() -> Connection {
 
 /// Declares the exchange (as the relay would) and a durable queue bound with `pattern`.
 pub async fn bind_queue(exchange: &str, pattern: &str) -> String {
+    bind_queue_with(exchange, pattern, FieldTable::default()).await
+}
+
+/// Like [`bind_queue`], with extra queue arguments (`x-max-length`, `x-overflow`, ...).
+pub async fn bind_queue_with(exchange: &str, pattern: &str, mut arguments: FieldTable) -> String {
     let connection = connect().await;
     let channel = connection.create_channel().await.expect("channel");
     channel
@@ -56,7 +61,6 @@ pub async fn bind_queue(exchange: &str, pattern: &str) -> String {
         .await
         .expect("declare exchange");
     let queue = unique(exchange);
-    let mut arguments = FieldTable::default();
     // Unused test queues disappear after ten minutes.
     arguments.insert("x-expires".into(), AMQPValue::LongUInt(600_000));
     channel
