@@ -106,9 +106,10 @@ pub struct OutboxRow {
     pub created_at: DateTime<Utc>,
     /// Delivery attempts, this one included.
     pub attempts: i32,
-    /// An earlier attempt ended with no outcome recorded (the relay crashed, was killed or lost
-    /// its lease while publishing): the row is suspected of crashing the relay and is published
-    /// on its own.
+    /// At least two earlier attempts ended with no outcome recorded (the relay crashed, was
+    /// killed or lost its lease while publishing, twice): the row is suspected of crashing the
+    /// relay and is published on its own. One crash is common (a deploy, an OOM kill) and costs
+    /// nothing extra; a crash loop is narrowed down to the row that causes it.
     pub abandoned: bool,
 }
 

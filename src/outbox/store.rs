@@ -197,8 +197,8 @@ impl Store {
              returning o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
                        o.payload::text as payload, o.headers::text as headers, o.created_at,
                        o.attempts, lease.until,
-                       -- attempts counts this claim: an earlier one left no outcome
-                       o.attempts > 1 and o.last_error is null as abandoned"
+                       -- attempts counts this claim: the two before it left no outcome
+                       o.attempts > 2 and o.last_error is null as abandoned"
         );
         let mark = format!(
             "update {t} set published_at = now(), next_attempt_at = null

@@ -55,6 +55,10 @@ pub struct Relay {
     sink: Sink,
     /// Wake-ups from NOTIFY (a hint; the poll interval is the fallback).
     wakeup: Arc<Notify>,
+    /// Held shared by every batch while it publishes and settles, and exclusively by a batch
+    /// holding a crash suspect, which so runs alone: if it takes the relay down, no other
+    /// row loses an attempt.
+    quarantine: tokio::sync::RwLock<()>,
     batch_size: u32,
     /// Batches published at once (the next claim overlaps them).
     max_in_flight: usize,
@@ -202,6 +206,7 @@ impl Relay {
             table,
             sink,
             wakeup: Arc::new(Notify::new()),
+            quarantine: tokio::sync::RwLock::new(()),
             batch_size: config.relay.batch_size,
             max_in_flight: config.relay.max_in_flight_batches as usize,
             poll_interval: config.relay.poll_interval,
@@ -297,6 +302,9 @@ impl Relay {
         let mut paused_until: Option<Instant> = None;
         // Set when the commit-order guard held rows back: claim again then.
         let mut recheck_at: Option<Instant> = None;
+        // The lease of a batch holding a crash suspect: no claims while it is in flight, so a
+        // crash it causes costs no other row an attempt (see `isolate_abandoned`).
+        let mut solo: Option<Lease> = None;
         // Set once shutdown is requested: the in-flight work must end by then.
         let mut deadline: Option<Instant> = None;
         let mut poll = tokio::time::interval(self.poll_interval);
@@ -313,6 +321,7 @@ impl Relay {
                 && paused_until.is_none()
                 && want_claim
                 && !claiming
+                && solo.is_none()
                 && leases.len() < self.max_in_flight
             {
                 claiming = true;
@@ -345,6 +354,9 @@ impl Relay {
                             recheck_at = Some(Instant::now() + HELD_BACK_RECHECK);
                         }
                         leases.push(batch.lease);
+                        if batch.rows.iter().any(|r| r.abandoned) {
+                            solo = Some(batch.lease);
+                        }
                         metrics::gauge!(metric::BATCHES_IN_FLIGHT).set(leases.len() as f64);
                         work.push(Box::pin(self.publish_and_settle(batch)));
                     }
@@ -370,6 +382,7 @@ impl Relay {
                     }
                     Done::Settled { lease, broker_error } => {
                         leases.retain(|l| *l != lease);
+                        solo = solo.filter(|l| *l != lease);
                         metrics::gauge!(metric::BATCHES_IN_FLIGHT).set(leases.len() as f64);
                         // Settling frees the batch's aggregates: their next rows may be due.
                         want_claim = true;
@@ -494,10 +507,10 @@ impl Relay {
         true
     }
 
-    /// A batch holding a row whose earlier attempt ended without an outcome publishes only
+    /// A batch holding a row whose last two attempts ended without an outcome publishes only
     /// that row (and any earlier rows of its aggregate): if the row is what crashes the relay,
-    /// only it uses up attempts, and its batch-mates, given back here without losing one, flow
-    /// on. The row is dead-lettered once its attempts exceed `retry.max_attempts`.
+    /// only it uses up further attempts, and its batch-mates, given back here without losing
+    /// one, flow on. The row is dead-lettered once its attempts exceed `retry.max_attempts`.
     async fn isolate_abandoned(&self, batch: &mut Batch) {
         let Some(suspect) = batch.rows.iter().find(|r| r.abandoned) else {
             return;
@@ -510,7 +523,7 @@ impl Relay {
             event_id = %suspect.event_id,
             aggregate_id = %suspect.aggregate_id,
             attempt = suspect.attempts,
-            "publishing alone: an earlier attempt ended without an outcome (crash, kill or lost lease)"
+            "publishing alone: its last two attempts ended without an outcome (crash, kill or lost lease)"
         );
         let (keep, others): (Vec<OutboxRow>, Vec<OutboxRow>) = std::mem::take(&mut batch.rows)
             .into_iter()
@@ -528,7 +541,13 @@ impl Relay {
     async fn publish_and_settle(&self, mut batch: Batch) -> Done {
         self.isolate_abandoned(&mut batch).await;
         let started = Instant::now();
-        let settled = self.settle_batch(&batch).await;
+        let settled = if batch.rows.iter().any(|r| r.abandoned) {
+            let _alone = self.quarantine.write().await;
+            self.settle_batch(&batch).await
+        } else {
+            let _shared = self.quarantine.read().await;
+            self.settle_batch(&batch).await
+        };
         let sink = self.sink.to_string();
         metrics::histogram!(metric::BATCH_SIZE, "sink" => sink.clone())
             .record(batch.rows.len() as f64);
