@@ -74,15 +74,26 @@ impl MarkBlocker {
     }
 
     /// Ends the blocked marks' sessions, so the marks never commit (the relay that sent them is
-    /// gone, as after a crash).
+    /// gone, as after a crash), and waits until they are gone (termination is asynchronous).
     async fn terminate_blocked(&self, outbox: &Outbox) {
-        for pid in self.blocked_marks(outbox).await {
+        let pids = self.blocked_marks(outbox).await;
+        for pid in &pids {
             sqlx::query("select pg_terminate_backend($1)")
                 .bind(pid)
                 .execute(&outbox.pool)
                 .await
                 .unwrap();
         }
+        wait_until(WAIT, "terminated sessions gone", || async {
+            let alive: i64 =
+                sqlx::query_scalar("select count(*) from pg_stat_activity where pid = any($1)")
+                    .bind(&pids)
+                    .fetch_one(&outbox.pool)
+                    .await
+                    .unwrap();
+            alive == 0
+        })
+        .await;
     }
 
     async fn remove(mut self, outbox: &Outbox) {
@@ -604,7 +615,7 @@ async fn relay_idle_in_transaction(outbox: &Outbox) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kafka_down_longer_than_the_message_timeout_loses_nothing() {
-    // GIVEN a relay draining 2 000 events into a (mock) Kafka broker, message.timeout.ms 1.5 s
+    // GIVEN a relay draining 2 001 events into a (mock) Kafka broker, message.timeout.ms 1.5 s
     let (mock, outbox) = mock_kafka().await;
     for a in 0..20 {
         outbox.insert("order", &format!("o-{a}"), 0..100).await;
@@ -619,6 +630,12 @@ async fn kafka_down_longer_than_the_message_timeout_loses_nothing() {
     // WHEN the broker goes down until deliveries time out in the producer (the fault), while no
     // relay session sits idle in a transaction during the stall
     mock.broker_down(1).expect("broker down");
+    // More events while it is down, so deliveries are outstanding however fast the drain was.
+    for a in 0..5 {
+        outbox
+            .insert("order", &format!("o-{a}"), 1_000..1_100)
+            .await;
+    }
     let idle_in_transaction = std::sync::atomic::AtomicBool::new(false);
     wait_until(WAIT, "a delivery timed out", || async {
         if relay_idle_in_transaction(&outbox).await {
@@ -654,7 +671,7 @@ async fn kafka_down_longer_than_the_message_timeout_loses_nothing() {
     outbox.wait_all_published(WAIT).await;
     let recovery = back.elapsed();
     let mut reader = mock_reader(&mock, &outbox).await;
-    let received = drain(&mut reader, 2_001).await;
+    let received = drain(&mut reader, 2_501).await;
     Verdict::judge(
         "Kafka broker down > message.timeout.ms (mock)",
         &outbox,
