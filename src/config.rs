@@ -205,6 +205,12 @@ pub struct RetryConfig {
     /// Default `park`.
     #[serde(default)]
     pub on_dead_letter: OnDeadLetter,
+    /// Also publish a copy of every dead-lettered row to this destination (Kafka topic or AMQP
+    /// exchange template, e.g. `outbox.dead.{aggregate_type}`), with headers
+    /// `dead_letter_error` and `dead_letter_attempts`. The row stays dead-lettered in the table
+    /// either way (the table is the record; a failed copy is logged). Default: none.
+    #[serde(default)]
+    pub dead_letter_destination: Option<String>,
 }
 
 /// `retry.on_dead_letter`
@@ -432,6 +438,7 @@ impl Default for RetryConfig {
             initial_backoff: default_initial_backoff(),
             max_backoff: default_max_backoff(),
             on_dead_letter: OnDeadLetter::default(),
+            dead_letter_destination: None,
         }
     }
 }
@@ -715,6 +722,10 @@ impl Config {
                 "retry.max_backoff",
                 "must be at least retry.initial_backoff",
             ));
+        }
+        if let Some(destination) = &retry.dead_letter_destination {
+            Template::parse(destination)
+                .map_err(|c| invalid("retry.dead_letter_destination", c))?;
         }
 
         for (i, pattern) in self.sink.allowed_destinations.iter().enumerate() {

@@ -225,6 +225,55 @@ async fn destinations_outside_the_allow_list_are_dead_lettered() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_are_copied_to_the_dead_letter_topic_with_the_reason() {
+    // GIVEN a relay allowed to publish to its `order` and `dead` topics, copying dead letters
+    // to `dead`, and an event that renders a foreign topic
+    let mut outbox = Outbox::new().await;
+    outbox.sink.insert(
+        "allowed_destinations",
+        format!(
+            "[\"{}\", \"{}\"]",
+            outbox.topic("order"),
+            outbox.topic("dead")
+        ),
+    );
+    outbox.retry.insert("max_attempts", "1".to_owned());
+    outbox.retry.insert(
+        "dead_letter_destination",
+        format!("\"{}\"", outbox.topic("dead")),
+    );
+    let mut dead = outbox.reader("dead", 1).await;
+    let mut orders = outbox.reader("order", 1).await;
+    outbox.insert("secret", "s-1", 0..1).await;
+    outbox.insert("order", "o-1", 0..3).await;
+
+    // WHEN the relay runs
+    let _relay = outbox.start();
+
+    // THEN the foreign event is dead-lettered in the table and its copy, with the reason and
+    // the attempts in headers, is in the dead-letter topic; the others flow
+    orders.read_distinct(3, WAIT).await;
+    let copy = dead.read_distinct(1, WAIT).await.remove(0);
+    let (event_id, dead_lettered): (String, bool) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select event_id::text, dead_lettered_at is not null from {} where aggregate_id = 's-1'",
+        outbox.table
+    )))
+    .fetch_one(&outbox.pool)
+    .await
+    .unwrap();
+    assert!(dead_lettered);
+    assert_eq!(copy.header("event_id"), event_id);
+    assert_eq!(copy.key, "s-1");
+    assert_eq!(copy.seq(), 0, "the original payload");
+    assert!(
+        copy.header("dead_letter_error")
+            .contains("not in sink.allowed_destinations"),
+        "{copy:?}"
+    );
+    assert_eq!(copy.header("dead_letter_attempts"), "1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn shutdown_timeout_releases_unacknowledged_rows_and_exits_1() {
     // GIVEN a relay stuck on a batch: the broker is unreachable, delivery reports take up to
     // 30 s, the lease is an hour, and shutdown may take 1 s

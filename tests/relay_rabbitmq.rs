@@ -309,3 +309,34 @@ async fn a_resource_alarm_ends_in_a_confirm_timeout_not_a_hang() {
     let mut reader = Reader::RabbitMq(Box::new(QueueReader::new(&queue).await));
     reader.read_distinct(5, WAIT).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unroutable_dead_letters_are_copied_to_the_dead_letter_exchange() {
+    // GIVEN a queue bound for `order.#` only, a dead-letter exchange with a catch-all queue,
+    // and an event no binding of the main exchange routes
+    let mut outbox = Outbox::for_broker(Broker::RabbitMq).await;
+    outbox.retry.insert("max_attempts", "1".to_owned());
+    let dead_exchange = format!("{}-dead", outbox.exchange());
+    outbox
+        .retry
+        .insert("dead_letter_destination", format!("\"{dead_exchange}\""));
+    let dead_queue = rabbit::bind_queue(&dead_exchange, "#").await;
+    let mut dead = QueueReader::new(&dead_queue).await;
+    outbox.insert("lost", "l-1", 0..1).await;
+
+    // WHEN the relay runs
+    let _relay = outbox.start();
+
+    // THEN the copy arrives on the dead-letter exchange with the reason, and the row stays
+    // dead-lettered in the table
+    let copy = dead.read_distinct(1, WAIT).await[0].clone();
+    assert_eq!(copy.topic, "lost.happened", "same routing key");
+    assert!(
+        copy.header("dead_letter_error").contains("unroutable"),
+        "{copy:?}"
+    );
+    assert!(
+        row_state(&outbox, "l-1", 0).await.2,
+        "dead-lettered in the table"
+    );
+}

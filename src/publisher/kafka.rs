@@ -109,6 +109,22 @@ impl KafkaPublisher {
 
 impl Publisher for KafkaPublisher {
     async fn publish(&self, rows: &[OutboxRow]) -> Outcomes {
+        self.publish_to(rows, &self.topic).await
+    }
+
+    async fn flush(&self, timeout: Duration) {
+        let producer = self.producer.clone();
+        let flushed = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
+        if let Ok(Err(err)) = flushed {
+            tracing::warn!(error = %err, "kafka producer flush did not complete");
+        }
+    }
+}
+
+impl KafkaPublisher {
+    /// [`Publisher::publish`] to the topics `topic` renders (the configured template, or the
+    /// dead-letter destination).
+    pub(crate) async fn publish_to(&self, rows: &[OutboxRow], topic: &Template) -> Outcomes {
         let mut outcomes: Vec<Option<Result<(), PublishError>>> =
             rows.iter().map(|_| None).collect();
         let mut in_flight: Vec<(usize, DeliveryFuture)> = Vec::with_capacity(rows.len());
@@ -122,7 +138,7 @@ impl Publisher for KafkaPublisher {
                 continue;
             }
             match self
-                .enqueue(row, &mut in_flight, &mut awaited, &mut outcomes)
+                .enqueue(row, topic, &mut in_flight, &mut awaited, &mut outcomes)
                 .await
             {
                 Ok(delivery) => in_flight.push((index, delivery)),
@@ -141,26 +157,17 @@ impl Publisher for KafkaPublisher {
             .collect()
     }
 
-    async fn flush(&self, timeout: Duration) {
-        let producer = self.producer.clone();
-        let flushed = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
-        if let Ok(Err(err)) = flushed {
-            tracing::warn!(error = %err, "kafka producer flush did not complete");
-        }
-    }
-}
-
-impl KafkaPublisher {
     /// Hands one message to librdkafka. When its queue is full, waits for the oldest delivery
     /// still in flight (recording its outcome) and tries again.
     async fn enqueue(
         &self,
         row: &OutboxRow,
+        topic: &Template,
         in_flight: &mut [(usize, DeliveryFuture)],
         awaited: &mut usize,
         outcomes: &mut [Option<Result<(), PublishError>>],
     ) -> Result<DeliveryFuture, PublishError> {
-        let topic = self.topic.render(row);
+        let topic = topic.render(row);
         validate_topic(&topic)?;
         self.allowed.check(&topic)?;
         let mut kafka_headers = OwnedHeaders::new();

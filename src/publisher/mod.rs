@@ -7,6 +7,8 @@ pub(crate) mod kafka;
 pub(crate) mod rabbitmq;
 pub(crate) mod template;
 
+use template::Template;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
@@ -170,6 +172,16 @@ impl Publisher for Sink {
 }
 
 impl Sink {
+    /// Publishes `rows` to what `destination` renders instead of the configured topic or
+    /// exchange (the dead-letter destination), with the same delivery contract.
+    pub(crate) async fn publish_to(&self, rows: &[OutboxRow], destination: &Template) -> Outcomes {
+        match self {
+            Self::Kafka(kafka) => kafka.publish_to(rows, destination).await,
+            Self::RabbitMq(rabbit) => rabbit.publish_to(rows, destination).await,
+            Self::Discard => rows.iter().map(|_| Ok(())).collect(),
+        }
+    }
+
     /// Where `row` goes (topic or exchange), for metrics labels.
     pub(crate) fn destination(&self, row: &OutboxRow) -> String {
         match self {
@@ -209,6 +221,23 @@ impl fmt::Display for Sink {
 /// The standard headers every message carries, then the row's own `headers` (an object; string
 /// values are used as they are, other JSON values as their JSON text). Row headers that reuse a
 /// standard name are skipped: the standard ones are what consumers deduplicate and route on.
+/// The copy of a dead-lettered row sent to the dead-letter destination: the same event, with
+/// headers `dead_letter_error` (why) and `dead_letter_attempts` added. Headers that are not a
+/// JSON object (one way to be dead-lettered) are replaced by those two.
+pub(crate) fn dead_letter_copy(row: &OutboxRow, error: &str) -> OutboxRow {
+    let mut headers: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&row.headers).unwrap_or_default();
+    headers.insert("dead_letter_error".to_owned(), error.into());
+    headers.insert(
+        "dead_letter_attempts".to_owned(),
+        row.attempts.to_string().into(),
+    );
+    OutboxRow {
+        headers: serde_json::Value::Object(headers).to_string(),
+        ..row.clone()
+    }
+}
+
 pub(crate) fn headers(row: &OutboxRow) -> Result<Vec<(String, String)>, PublishError> {
     let extra: BTreeMap<String, serde_json::Value> =
         serde_json::from_str(&row.headers).map_err(|_| PublishError::InvalidHeaders)?;

@@ -329,6 +329,21 @@ enum Pending {
 
 impl Publisher for RabbitMqPublisher {
     async fn publish(&self, rows: &[OutboxRow]) -> Outcomes {
+        self.publish_to(rows, &self.exchange).await
+    }
+
+    async fn flush(&self, _timeout: Duration) {
+        // Every publish already awaited its confirms; only the connection is left to close.
+        if let Some(session) = self.session.lock().await.take() {
+            close(session).await;
+        }
+    }
+}
+
+impl RabbitMqPublisher {
+    /// [`Publisher::publish`] to the exchanges `exchange` renders (the configured template, or
+    /// the dead-letter destination).
+    pub(crate) async fn publish_to(&self, rows: &[OutboxRow], exchange: &Template) -> Outcomes {
         let mut slot = self.session.lock().await;
         let session = match self.ensure_session(&mut slot).await {
             Ok(session) => session,
@@ -356,7 +371,7 @@ impl Publisher for RabbitMqPublisher {
                 pending.push(Pending::Done(Err(PublishError::HeldBack)));
                 continue;
             }
-            let exchange = self.exchange.render(row);
+            let exchange = exchange.render(row);
             let routing_key = self.routing_key.render(row);
             let prepared = validate_exchange(&exchange)
                 .and_then(|()| self.allowed.check(&exchange))
@@ -531,13 +546,6 @@ impl Publisher for RabbitMqPublisher {
                 },
             })
             .collect()
-    }
-
-    async fn flush(&self, _timeout: Duration) {
-        // Every publish already awaited its confirms; only the connection is left to close.
-        if let Some(session) = self.session.lock().await.take() {
-            close(session).await;
-        }
     }
 }
 

@@ -29,7 +29,8 @@ use crate::outbox::store::{self, Claimed, Failure, Store, StoreError};
 use crate::outbox::{Batch, Lease, OutboxRow, Table, listener};
 use crate::publisher::kafka::KafkaPublisher;
 use crate::publisher::rabbitmq::RabbitMqPublisher;
-use crate::publisher::{Allowed, ErrorClass, Publisher, Sink};
+use crate::publisher::template::Template;
+use crate::publisher::{Allowed, ErrorClass, Publisher, Sink, dead_letter_copy};
 use crate::telemetry::{ErrorChain, metric};
 
 /// How the relay run ended.
@@ -67,6 +68,8 @@ pub struct Relay {
     shutdown_timeout: Duration,
     summary_interval: Duration,
     retry: RetryConfig,
+    /// `retry.dead_letter_destination`, parsed.
+    dead_letter_destination: Option<Template>,
     /// Counters since the last summary line.
     stats: Stats,
     /// Outage bookkeeping so an outage is logged once when it starts and once when it ends.
@@ -214,6 +217,11 @@ impl Relay {
             shutdown_timeout: config.relay.shutdown_timeout,
             summary_interval: config.relay.summary_interval,
             retry: config.retry.clone(),
+            dead_letter_destination: config
+                .retry
+                .dead_letter_destination
+                .as_deref()
+                .map(|d| Template::parse(d).expect("validated in Config::validate")),
             stats: Stats::default(),
             database: Outage::new("database"),
             broker: Outage::new("broker"),
@@ -538,6 +546,38 @@ impl Relay {
             .await;
     }
 
+    /// Publishes copies of the batch's newly dead-lettered rows to
+    /// `retry.dead_letter_destination`, if set. The table already records them; a copy that
+    /// fails is logged (once per row) and not retried.
+    async fn copy_dead_letters(&self, batch: &Batch, failures: &[Failure]) {
+        let Some(destination) = &self.dead_letter_destination else {
+            return;
+        };
+        let copies: Vec<OutboxRow> = failures
+            .iter()
+            .filter(|f| f.dead)
+            .filter_map(|f| {
+                let row = batch.rows.iter().find(|r| r.id == f.id)?;
+                Some(dead_letter_copy(row, &f.error))
+            })
+            .collect();
+        let outcomes = self.sink.publish_to(&copies, destination).await;
+        for (row, outcome) in copies.iter().zip(outcomes) {
+            let target = destination.render(row);
+            match outcome {
+                Ok(()) => {
+                    tracing::info!(event_id = %row.event_id, destination = %target, "dead letter copied")
+                }
+                Err(err) => tracing::error!(
+                    event_id = %row.event_id,
+                    destination = %target,
+                    error = %ErrorChain(&err),
+                    "dead letter not copied to the dead-letter destination; it stays in the table"
+                ),
+            }
+        }
+    }
+
     async fn publish_and_settle(&self, mut batch: Batch) -> Done {
         self.isolate_abandoned(&mut batch).await;
         let started = Instant::now();
@@ -677,6 +717,9 @@ impl Relay {
             .await?;
         let dead = failures.iter().filter(|f| f.dead).count() as u64;
         self.stats.dead_lettered.fetch_add(dead, Ordering::Relaxed);
+        if dead > 0 {
+            self.copy_dead_letters(batch, &failures).await;
+        }
         self.stats
             .failed
             .fetch_add(failures.len() as u64 - dead, Ordering::Relaxed);
