@@ -141,9 +141,14 @@ pub(crate) struct Store {
 struct Guard {
     /// Rows up to this id can no longer be overtaken by a late commit.
     horizon: i64,
-    /// A fence waiting for its writers to end: (highest visible id, their virtual xids).
-    pending: Option<(i64, Vec<String>)>,
+    /// Fences waiting for their writers to end, oldest first: (highest visible id, the virtual
+    /// xids then writing). One is taken at every claim that sees writers, so the horizon trails
+    /// the writers by about the length of one of their transactions, not by whole fence cycles.
+    pending: std::collections::VecDeque<(i64, Vec<String>)>,
 }
+
+/// Fences kept at once; more would only add precision under thousands of claims per second.
+const MAX_FENCES: usize = 64;
 
 /// What a claim found.
 #[derive(Debug)]
@@ -243,8 +248,8 @@ impl Store {
              where published_at is null and dead_lettered_at is null"
         );
         // The highest visible id (read from this statement's snapshot, i.e. before the lock
-        // table), the virtual xids now writing to the table, and whether any of the pending
-        // fence's writers is still alive. Relay sessions never insert and are left out.
+        // table), the virtual xids now writing to the table, and which of the pending fences'
+        // writers are still alive. Relay sessions never insert and are left out.
         let fence_probe = format!(
             "select (select max(id) from {t}) as high,
                     array(select l.virtualtransaction from pg_locks l
@@ -254,9 +259,9 @@ impl Store {
                             and l.pid not in (select a.pid from pg_stat_activity a
                                               where a.application_name = '{APPLICATION_NAME}'))
                         as writers,
-                    exists(select 1 from pg_locks v
-                           where v.locktype = 'virtualxid' and v.virtualxid = any($1))
-                        as pending_alive",
+                    array(select v.virtualxid from pg_locks v
+                          where v.locktype = 'virtualxid' and v.virtualxid = any($1))
+                        as alive",
             t = t.replace('\'', "''")
         );
         Self {
@@ -286,32 +291,42 @@ impl Store {
         let Some(guard) = &self.guard else {
             return Ok((None, false));
         };
-        let pending_writers = guard
+        let pending_writers: Vec<String> = guard
             .lock()
             .expect("guard lock poisoned")
             .pending
-            .as_ref()
-            .map(|(_, writers)| writers.clone())
-            .unwrap_or_default();
-        let (high, writers, pending_alive): (Option<i64>, Vec<String>, bool) =
+            .iter()
+            .flat_map(|(_, writers)| writers.iter().cloned())
+            .collect();
+        let (high, writers, alive): (Option<i64>, Vec<String>, Vec<String>) =
             sqlx::query_as(self.fence_probe.clone())
                 .bind(&pending_writers)
                 .fetch_one(&mut *tx)
                 .await?;
         let high = high.unwrap_or(0);
         let mut guard = guard.lock().expect("guard lock poisoned");
+        // A fence whose writers have all ended makes its id final.
+        let done = guard
+            .pending
+            .iter()
+            .filter(|(_, fence)| fence.iter().all(|w| !alive.contains(w)))
+            .map(|(fence_high, _)| *fence_high)
+            .max();
+        if let Some(done) = done {
+            guard.horizon = guard.horizon.max(done);
+        }
         if writers.is_empty() {
             // Nobody can commit below `high` any more.
             guard.horizon = guard.horizon.max(high);
-            guard.pending = None;
-        } else {
-            if let Some((fence_high, _)) = guard.pending.take_if(|_| !pending_alive) {
-                guard.horizon = guard.horizon.max(fence_high);
-            }
-            if guard.pending.is_none() {
-                guard.pending = Some((high, writers));
-            }
+        } else if guard.pending.back().is_none_or(|(last, _)| *last < high)
+            && guard.pending.len() < MAX_FENCES
+        {
+            guard.pending.push_back((high, writers));
         }
+        let horizon = guard.horizon;
+        guard
+            .pending
+            .retain(|(fence_high, _)| *fence_high > horizon);
         Ok((Some(guard.horizon), high > guard.horizon))
     }
 
