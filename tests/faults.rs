@@ -792,3 +792,30 @@ async fn repeated_sigkill_of_one_of_three_instances_loses_nothing() {
         .recovered_in(recovery)
         .assert_holds(3 * 1_000);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fatal_producer_error_is_survived_with_a_new_producer() {
+    // GIVEN a (mock) Kafka broker that answers the first produce request with
+    // OUT_OF_ORDER_SEQUENCE_NUMBER: for librdkafka's idempotent producer a sequence
+    // desynchronisation it cannot repair, i.e. a fatal error for that producer
+    let (mock, outbox) = mock_kafka().await;
+    let mut reader = mock_reader(&mock, &outbox).await;
+    mock.request_errors(
+        rdkafka::types::RDKafkaApiKey::Produce,
+        &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],
+    );
+    insert_aggregates(&outbox, 5, 20).await;
+
+    // WHEN the relay publishes
+    let relay = outbox.start();
+
+    // THEN it replaces the failed producer (the fault fired) and publishes everything
+    relay
+        .wait_for_log("replaced it with a new producer", WAIT)
+        .await;
+    outbox.wait_all_published(WAIT).await;
+    let received = drain(&mut reader, 100).await;
+    Verdict::judge("Kafka producer fatal error (mock)", &outbox, &received)
+        .await
+        .assert_holds(100);
+}

@@ -36,7 +36,10 @@ impl ClientContext for QuietContext {
 /// identity plus the row's own headers.
 pub(crate) struct KafkaPublisher {
     /// Shared handle; rdkafka runs its own polling thread that resolves delivery futures.
-    producer: FutureProducer<QuietContext>,
+    /// Replaced after a fatal error (see [`KafkaPublisher::recover_from_fatal`]).
+    producer: std::sync::RwLock<FutureProducer<QuietContext>>,
+    /// The settings the producer was created with, to create it again.
+    client: ClientConfig,
     /// Topic template rendered per row.
     topic: Template,
     /// Topics rows may render to.
@@ -78,12 +81,40 @@ impl KafkaPublisher {
     /// made yet), so an error is a configuration error.
     pub(crate) fn new(config: &KafkaConfig, allowed: Allowed) -> Result<Self, KafkaError> {
         let topic = Template::parse(&config.topic).expect("validated in Config::validate");
-        let producer = client_config(config).create_with_context(QuietContext)?;
+        let client = client_config(config);
+        let producer = client.create_with_context(QuietContext)?;
         Ok(Self {
-            producer,
+            producer: std::sync::RwLock::new(producer),
+            client,
             topic,
             allowed,
         })
+    }
+
+    fn producer(&self) -> FutureProducer<QuietContext> {
+        self.producer
+            .read()
+            .expect("producer lock poisoned")
+            .clone()
+    }
+
+    /// An idempotent producer that hit a fatal error (e.g. the broker lost its producer state
+    /// in a way an epoch bump cannot repair) fails every later message. The relay then makes
+    /// a new producer, with a new producer id; the batch's rows were left unpublished and go
+    /// out again on it (the old producer's unacknowledged messages may be duplicates).
+    fn recover_from_fatal(&self, producer: &FutureProducer<QuietContext>) {
+        let Some((code, reason)) = producer.client().fatal_error() else {
+            return;
+        };
+        match self.client.create_with_context(QuietContext) {
+            Ok(fresh) => {
+                tracing::error!(error = %code, reason = %reason, "kafka producer hit a fatal error; replaced it with a new producer");
+                *self.producer.write().expect("producer lock poisoned") = fresh;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, reason = %reason, "kafka producer hit a fatal error and could not be recreated; retrying later");
+            }
+        }
     }
 
     /// The topic `row` goes to.
@@ -93,7 +124,7 @@ impl KafkaPublisher {
 
     /// Asks the cluster for its metadata: proves the brokers are reachable.
     pub(crate) async fn probe(&self, timeout: Duration) -> Result<Vec<String>, KafkaError> {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         tokio::task::spawn_blocking(move || {
             producer.client().fetch_metadata(None, timeout).map(|m| {
                 m.brokers()
@@ -113,7 +144,7 @@ impl Publisher for KafkaPublisher {
     }
 
     async fn flush(&self, timeout: Duration) {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let flushed = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
         if let Ok(Err(err)) = flushed {
             tracing::warn!(error = %err, "kafka producer flush did not complete");
@@ -125,6 +156,7 @@ impl KafkaPublisher {
     /// [`Publisher::publish`] to the topics `topic` renders (the configured template, or the
     /// dead-letter destination).
     pub(crate) async fn publish_to(&self, rows: &[OutboxRow], topic: &Template) -> Outcomes {
+        let producer = self.producer();
         let mut outcomes: Vec<Option<Result<(), PublishError>>> =
             rows.iter().map(|_| None).collect();
         let mut in_flight: Vec<(usize, DeliveryFuture)> = Vec::with_capacity(rows.len());
@@ -138,7 +170,14 @@ impl KafkaPublisher {
                 continue;
             }
             match self
-                .enqueue(row, topic, &mut in_flight, &mut awaited, &mut outcomes)
+                .enqueue(
+                    &producer,
+                    row,
+                    topic,
+                    &mut in_flight,
+                    &mut awaited,
+                    &mut outcomes,
+                )
                 .await
             {
                 Ok(delivery) => in_flight.push((index, delivery)),
@@ -151,16 +190,24 @@ impl KafkaPublisher {
         for (index, delivery) in in_flight.drain(awaited..) {
             outcomes[index] = Some(delivery_outcome(delivery.await));
         }
-        outcomes
+        let outcomes: Outcomes = outcomes
             .into_iter()
             .map(|o| o.expect("every row has an outcome"))
-            .collect()
+            .collect();
+        if outcomes
+            .iter()
+            .any(|o| o.as_ref().is_err_and(|e| e.class() == ErrorClass::Fatal))
+        {
+            self.recover_from_fatal(&producer);
+        }
+        outcomes
     }
 
     /// Hands one message to librdkafka. When its queue is full, waits for the oldest delivery
     /// still in flight (recording its outcome) and tries again.
     async fn enqueue(
         &self,
+        producer: &FutureProducer<QuietContext>,
         row: &OutboxRow,
         topic: &Template,
         in_flight: &mut [(usize, DeliveryFuture)],
@@ -183,7 +230,7 @@ impl KafkaPublisher {
             .timestamp(row.created_at.timestamp_millis())
             .headers(kafka_headers);
         loop {
-            match self.producer.send_result(record) {
+            match producer.send_result(record) {
                 Ok(delivery) => return Ok(delivery),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned))
                     if *awaited < in_flight.len() =>
