@@ -34,6 +34,8 @@ struct Args {
     aggregates: i64,
     payload: usize,
     batch: u32,
+    /// Published rows kept in the table for the `retained` part.
+    retained: i64,
     only: Vec<String>,
 }
 
@@ -44,6 +46,7 @@ impl Args {
             aggregates: 5_000,
             payload: 1_000,
             batch: 1_000,
+            retained: 10_000_000,
             only: vec![],
         };
         let mut it = std::env::args().skip(1);
@@ -54,6 +57,7 @@ impl Args {
                 "--aggregates" => args.aggregates = value().parse().expect("--aggregates N"),
                 "--payload" => args.payload = value().parse().expect("--payload BYTES"),
                 "--batch" => args.batch = value().parse().expect("--batch N"),
+                "--retained" => args.retained = value().parse().expect("--retained N"),
                 "--only" => args.only = value().split(',').map(str::to_owned).collect(),
                 "--bench" => {}
                 other => panic!("unknown option {other}"),
@@ -125,6 +129,9 @@ async fn run(args: Args) {
                 drained.rate, drained.peak_rss_mib
             );
         }
+    }
+    if args.wants("retained") {
+        retained(&pool, &args).await;
     }
     if args.wants("notify") {
         println!(
@@ -534,6 +541,19 @@ async fn pending(pool: &PgPool, table: &str) -> bool {
 
 async fn drain(pool: &PgPool, args: &Args, sink: &str, instances: usize) -> Drained {
     let table = fresh_table(pool, args, &format!("bench_{sink}_{instances}"), args.rows).await;
+    drain_table(pool, args, &table, sink, instances).await
+}
+
+/// Runs `instances` relays on `table` (its `args.rows` pending rows already inserted) until
+/// nothing is pending.
+async fn drain_table(
+    pool: &PgPool,
+    args: &Args,
+    table: &str,
+    sink: &str,
+    instances: usize,
+) -> Drained {
+    let table = table.to_owned();
     if sink == "rabbitmq" {
         let _ = rabbit_queue().await;
     }
@@ -578,6 +598,57 @@ async fn drain(pool: &PgPool, args: &Args, sink: &str, instances: usize) -> Drai
     }
 }
 
+/// The relay as the table grows: the discard drain of `args.rows` pending rows in an empty
+/// table, and behind `args.retained` published rows kept (no retention).
+async fn retained(pool: &PgPool, args: &Args) {
+    println!(
+        "\n## Table growth: discard drain of {} pending rows, with published rows retained\n",
+        args.rows
+    );
+    println!("| published rows retained | events/s | ratio to the empty table |");
+    println!("|---:|---:|---:|");
+    let empty = drain(pool, args, "discard", 1).await.rate;
+    println!("| 0 | {empty:.0} | 1.00 |");
+    let table = fresh_table(pool, args, "bench_retained", 0).await;
+    let started = Instant::now();
+    sqlx::query(AssertSqlSafe(format!(
+        "insert into {table} (aggregate_type, aggregate_id, event_type, payload, published_at)
+         select 'bench', (i % $2)::text, 'happened', jsonb_build_object('seq', i), now()
+         from generate_series(1, $1) i"
+    )))
+    .bind(args.retained)
+    .bind(args.aggregates)
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "insert into {table} (aggregate_type, aggregate_id, event_type, payload)
+         select 'bench', (i % $2)::text, 'happened', jsonb_build_object('seq', i, 'data', repeat('x', $3))
+         from generate_series(1, $1) i"
+    )))
+    .bind(args.rows)
+    .bind(args.aggregates)
+    .bind((args.payload as i32 - 30).max(0))
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(AssertSqlSafe(format!("vacuum analyze {table}")))
+        .execute(pool)
+        .await
+        .unwrap();
+    eprintln!(
+        "retained: {} rows written in {:.0} s",
+        args.retained + args.rows,
+        started.elapsed().as_secs_f64()
+    );
+    let big = drain_table(pool, args, &table, "discard", 1).await.rate;
+    println!("| {} | {big:.0} | {:.2} |", args.retained, big / empty);
+    sqlx::query(AssertSqlSafe(format!("drop table {table}")))
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
 /// The application's own insert throughput with and without the NOTIFY trigger, while the relay
 /// runs (LISTEN on with the trigger, polling without).
 async fn notify_cost(pool: &PgPool, trigger: bool) {
@@ -586,6 +657,7 @@ async fn notify_cost(pool: &PgPool, trigger: bool) {
         aggregates: 500,
         payload: 200,
         batch: 1000,
+        retained: 0,
         only: vec![],
     };
     let table = fresh_table(pool, &args, &format!("bench_notify_{trigger}"), 0).await;
@@ -651,6 +723,7 @@ async fn latency(pool: &PgPool, rate: u32, listen: bool) {
         aggregates: 500,
         payload: 1000,
         batch: 1000,
+        retained: 0,
         only: vec![],
     };
     let table = fresh_table(pool, &args, &format!("bench_latency_{rate}_{listen}"), 0).await;
