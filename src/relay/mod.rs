@@ -126,8 +126,9 @@ impl Outage {
 
 /// How often the backlog gauges are refreshed and, when idle, the broker is probed.
 const BACKLOG_INTERVAL: Duration = Duration::from_secs(10);
-/// How soon to claim again when the commit-order guard held back rows: the transactions it
-/// waits for are usually the application's short inserts.
+/// How soon to claim again when the commit-order guard held rows back: the transactions it
+/// waits for are usually the application's short inserts. Doubles, up to the poll interval,
+/// while nothing can be claimed.
 const HELD_BACK_RECHECK: Duration = Duration::from_millis(5);
 /// How long an idle-time broker probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -310,6 +311,7 @@ impl Relay {
         let mut paused_until: Option<Instant> = None;
         // Set when the commit-order guard held rows back: claim again then.
         let mut recheck_at: Option<Instant> = None;
+        let mut recheck_delay = HELD_BACK_RECHECK;
         // The lease of a batch holding a crash suspect: no claims while it is in flight, so a
         // crash it causes costs no other row an attempt (see `isolate_abandoned`).
         let mut solo: Option<Lease> = None;
@@ -358,8 +360,9 @@ impl Relay {
                         claiming = false;
                         self.database_ok();
                         want_claim = batch.rows.len() == self.batch_size as usize;
+                        recheck_delay = HELD_BACK_RECHECK;
                         if held_back && !want_claim {
-                            recheck_at = Some(Instant::now() + HELD_BACK_RECHECK);
+                            recheck_at = Some(Instant::now() + recheck_delay);
                         }
                         leases.push(batch.lease);
                         if batch.rows.iter().any(|r| r.abandoned) {
@@ -372,7 +375,11 @@ impl Relay {
                         claiming = false;
                         self.database_ok();
                         if held_back {
-                            recheck_at = Some(Instant::now() + HELD_BACK_RECHECK);
+                            // Nothing claimable while rows wait for an open transaction: look
+                            // again soon, then less often while it stays open (a long batch
+                            // job writing to the outbox must not draw 200 claims a second).
+                            recheck_at = Some(Instant::now() + recheck_delay);
+                            recheck_delay = (recheck_delay * 2).min(self.poll_interval);
                         }
                     }
                     Done::Probed(outcome) => {
