@@ -6,13 +6,17 @@
 //! each row only after the broker acknowledged it. See the README for the guarantees.
 //!
 //! # Layout
-//! - [`cli`]: the `outbox-relay` command line (`run`, `migrate`, `check`) and exit codes.
+//! - [`cli`]: the `outbox-relay` command line (`run`, `migrate`, `check`, `status`, `requeue`)
+//!   and exit codes.
 //! - [`config`]: the TOML + environment configuration, its defaults and validation.
 //! - [`health`]: the optional HTTP listener: `/healthz`, `/readyz`, `/metrics`.
-//! - `outbox`: the outbox table: its validated name, rows, every SQL statement (claim, mark,
-//!   retry, release), `migrate`, the schema check, and the LISTEN wake-up task.
-//! - `publisher`: the delivery contract (`publisher::Publisher`) and the sinks (Kafka).
-//! - [`relay`]: the main loop: claim → publish → settle, drain mode, backoff, outage handling.
+//! - `outbox`: the outbox table: its validated name, rows, every SQL statement (claim with the
+//!   commit-order guard, mark, retry, release, retention), `migrate`, the schema check, and the
+//!   LISTEN wake-up task.
+//! - `publisher`: the delivery contract (`publisher::Publisher`) and the sinks (Kafka,
+//!   RabbitMQ, discard), including copies to the dead-letter destination.
+//! - [`relay`]: the main loop: claim → publish → settle, pipelined; backoff, outage handling,
+//!   crash suspects, dead letters.
 //! - `retention`: bounded deletion of old published (and dead) rows, one instance at a time.
 //! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token.
 //! - [`telemetry`]: logging, metric names and the Prometheus recorder, error-chain display.
