@@ -26,6 +26,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "dead_index",
         include_str!("../../migrations/0003_dead_index.sql"),
     ),
+    (
+        4,
+        "published_index",
+        include_str!("../../migrations/0004_published_index.sql"),
+    ),
 ];
 
 /// Renders a migration for `table`: every placeholder becomes a validated, quoted identifier.
@@ -40,6 +45,7 @@ fn render(sql: &str, table: &Table) -> String {
         )
         .replace("{{waiting_index}}", &bare("waiting_idx"))
         .replace("{{dead_index}}", &bare("dead_idx"))
+        .replace("{{published_index}}", &bare("published_idx"))
         .replace("{{notify_trigger}}", &bare("relay_notify"))
         .replace("{{notify_function}}", &table.companion("relay_notify"))
 }

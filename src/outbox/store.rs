@@ -229,21 +229,16 @@ impl Store {
              set attempts = greatest(attempts - 1, 0), next_attempt_at = null
              where next_attempt_at = $1 and published_at is null"
         );
-        // Published rows: the first `$2` published rows along the primary key, and of those
-        // the ones old enough. Published rows cluster at the low ids and were published
-        // roughly in id order, so when the first of them are too young, so is the rest: each
-        // statement reads at most `$2` rows, however many recent rows the table keeps (a scan
-        // for old rows would read all of them every round). Dead rows are few and indexed
-        // (migration 0003). The try-lock makes one instance delete at a time; the others skip
+        // Oldest first along the index of published rows (migration 0004) and the small index
+        // of dead ones (0003): each statement reads about as many rows as it deletes, however
+        // large the table. The try-lock makes one instance delete at a time; the others skip
         // the round.
         let delete_published = format!(
             "delete from {t} where id in (
-                 select first.id from (
-                     select id, published_at from {t}
-                     where published_at is not null
-                     order by id limit $2) first
-                 where first.published_at < now() - $1 * interval '1 millisecond'
-                   and pg_try_advisory_xact_lock(hashtextextended($3, 0)))"
+                 select id from {t}
+                 where published_at < now() - $1 * interval '1 millisecond'
+                   and pg_try_advisory_xact_lock(hashtextextended($3, 0))
+                 order by published_at limit $2)"
         );
         let delete_dead = format!(
             "delete from {t} where id in (
