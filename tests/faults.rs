@@ -58,7 +58,7 @@ impl MarkBlocker {
         sqlx::query_scalar(
             "select pid from pg_stat_activity
              where application_name = 'outbox-relay' and wait_event = 'advisory'
-               and query like 'update \"' || $1 || '\" set published_at%'",
+               and query like 'update \"' || $1 || '\"%set published_at%'",
         )
         .bind(&self.table)
         .fetch_all(&outbox.pool)

@@ -205,9 +205,14 @@ impl Store {
                        -- attempts counts this claim: the two before it left no outcome
                        o.attempts > 2 and o.last_error is null as abandoned"
         );
+        // Mark and release join the batch's ids as a set: the planner reaches the rows through
+        // the lease value (waiting index) and a `id = any($1)` filter would then compare every
+        // row with the whole array, quadratic in the batch size (seen in a profile at batch
+        // 1 000: ExecEvalScalarArrayOp + int8eq, ~4 % of the database's CPU).
         let mark = format!(
-            "update {t} set published_at = now(), next_attempt_at = null
-             where id = any($1) and next_attempt_at = $2 and published_at is null"
+            "update {t} o set published_at = now(), next_attempt_at = null
+             from unnest($1::bigint[]) as b(id)
+             where o.id = b.id and o.next_attempt_at = $2 and o.published_at is null"
         );
         let retry = format!(
             "update {t} o
@@ -219,10 +224,11 @@ impl Store {
              where o.id = f.id and o.next_attempt_at = $5 and o.published_at is null"
         );
         let release = format!(
-            "update {t}
-             set attempts = greatest(attempts - 1, 0), next_attempt_at = null,
-                 last_error = coalesce($3, last_error)
-             where id = any($1) and next_attempt_at = $2 and published_at is null"
+            "update {t} o
+             set attempts = greatest(o.attempts - 1, 0), next_attempt_at = null,
+                 last_error = coalesce($3, o.last_error)
+             from unnest($1::bigint[]) as b(id)
+             where o.id = b.id and o.next_attempt_at = $2 and o.published_at is null"
         );
         let release_lease = format!(
             "update {t}
