@@ -226,13 +226,9 @@ async fn a_row_that_crashes_the_relay_is_dead_lettered_after_max_attempts_restar
     assert_eq!(crashes, 3);
     let (attempts, _) = poison_state().await;
     assert_eq!(attempts, 4);
-    let error: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "select last_error from {} where payload ? 'poison'",
-        outbox.table
-    )))
-    .fetch_one(&outbox.pool)
-    .await
-    .unwrap();
+    let error: String = outbox
+        .scalar("select last_error from {table} where payload ? 'poison'")
+        .await;
     assert!(error.contains("exceeds retry.max_attempts"), "{error}");
     wait_until(WAIT, "the other 60 events published", || async {
         outbox.counts().await.0 == 60
@@ -279,13 +275,9 @@ async fn out_of_order_commit_keeps_the_aggregate_in_id_order(broker: Broker) {
     insert_in(&mut b, &outbox, "o-1", 1).await;
     insert_in(&mut b, &outbox, "o-2", 0).await;
     b.commit().await.unwrap();
-    let visible: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "select count(*) from {} where aggregate_id = 'o-1'",
-        outbox.table
-    )))
-    .fetch_one(&outbox.pool)
-    .await
-    .unwrap();
+    let visible: i64 = outbox
+        .scalar("select count(*) from {table} where aggregate_id = 'o-1'")
+        .await;
     assert_eq!(
         visible, 1,
         "the fault: o-1's later event is visible, its earlier is not"
@@ -347,26 +339,31 @@ async fn without_the_commit_order_guard_a_late_commit_is_overtaken() {
     assert_eq!(verdict.order_violations, 1, "{verdict:#?}");
 }
 
-/// Rows of the test's table under a live lease, and whether a relay session of this table is
-/// inside a transaction (a claim).
-async fn lease_state(outbox: &Outbox) -> (i64, bool) {
-    let leased: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "select count(*) from {} where published_at is null and next_attempt_at > now()",
-        outbox.table
-    )))
-    .fetch_one(&outbox.pool)
-    .await
-    .unwrap();
-    let in_claim: bool = sqlx::query_scalar(
+/// Whether a relay session of this table has been idle inside a transaction (a claim) for
+/// longer than `longer_than` (a PostgreSQL interval).
+async fn relay_idle_in_transaction(outbox: &Outbox, longer_than: &str) -> bool {
+    sqlx::query_scalar(
         "select exists(select 1 from pg_stat_activity
                        where application_name = 'outbox-relay' and state like 'idle in transaction%'
+                         and clock_timestamp() - state_change > $2::interval
                          and query like '%' || $1 || '%')",
     )
     .bind(&outbox.table)
+    .bind(longer_than)
     .fetch_one(&outbox.pool)
     .await
-    .unwrap();
-    (leased, in_claim)
+    .unwrap()
+}
+
+/// Rows of the test's table under a live lease, and whether a relay session of this table is
+/// inside a transaction (a claim).
+async fn lease_state(outbox: &Outbox) -> (i64, bool) {
+    let leased: i64 = outbox
+        .scalar(
+            "select count(*) from {table} where published_at is null and next_attempt_at > now()",
+        )
+        .await;
+    (leased, relay_idle_in_transaction(outbox, "0").await)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -535,13 +532,7 @@ async fn rabbitmq_nacks_from_a_full_queue_are_retried_until_it_drains() {
 
     // WHEN the queue is full, the broker nacks the rest (the fault) and the relay keeps them
     wait_until(WAIT, "a nacked row", || async {
-        let nacked: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "select count(*) from {} where published_at is null and last_error like '%nacked%'",
-            outbox.table
-        )))
-        .fetch_one(&outbox.pool)
-        .await
-        .unwrap();
+        let nacked: i64 = outbox.scalar("select count(*) from {table} where published_at is null and last_error like '%nacked%'").await;
         nacked > 0
     })
     .await;
@@ -598,21 +589,6 @@ async fn mock_reader(mock: &Mock, outbox: &Outbox) -> crate::support::Reader {
     crate::support::Reader::Kafka(reader)
 }
 
-/// Whether a relay session of this table has been idle inside a transaction for over 500 ms
-/// (a claim's own statements follow each other within milliseconds).
-async fn relay_idle_in_transaction(outbox: &Outbox) -> bool {
-    sqlx::query_scalar(
-        "select exists(select 1 from pg_stat_activity
-                       where application_name = 'outbox-relay' and state like 'idle in transaction%'
-                         and clock_timestamp() - state_change > interval '500 ms'
-                         and query like '%' || $1 || '%')",
-    )
-    .bind(&outbox.table)
-    .fetch_one(&outbox.pool)
-    .await
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn kafka_down_longer_than_the_message_timeout_loses_nothing() {
     // GIVEN a relay draining 2 001 events into a (mock) Kafka broker, message.timeout.ms 1.5 s
@@ -638,16 +614,11 @@ async fn kafka_down_longer_than_the_message_timeout_loses_nothing() {
     }
     let idle_in_transaction = std::sync::atomic::AtomicBool::new(false);
     wait_until(WAIT, "a delivery timed out", || async {
-        if relay_idle_in_transaction(&outbox).await {
+        // A claim's own statements follow each other within milliseconds.
+        if relay_idle_in_transaction(&outbox, "500 ms").await {
             idle_in_transaction.store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        let timed_out: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "select count(*) from {} where published_at is null and last_error ilike '%timed out%'",
-            outbox.table
-        )))
-        .fetch_one(&outbox.pool)
-        .await
-        .unwrap();
+        let timed_out: i64 = outbox.scalar("select count(*) from {table} where published_at is null and last_error ilike '%timed out%'").await;
         timed_out > 0
     })
     .await;
@@ -656,13 +627,9 @@ async fn kafka_down_longer_than_the_message_timeout_loses_nothing() {
         "a relay session was idle in a transaction"
     );
     relay.wait_for_log("broker unavailable", WAIT).await;
-    let attempts_before: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "select coalesce(max(attempts), 0)::bigint from {} where published_at is null",
-        outbox.table
-    )))
-    .fetch_one(&outbox.pool)
-    .await
-    .unwrap();
+    let attempts_before: i64 = outbox
+        .scalar("select coalesce(max(attempts), 0)::bigint from {table} where published_at is null")
+        .await;
     assert!(attempts_before <= 1, "an outage uses up no attempts");
 
     // THEN when it is back, everything is published
@@ -708,13 +675,9 @@ async fn kafka_produce_errors_are_retried_without_loss_or_reordering() {
     // THEN the permanent error cost the rows of that request an attempt (the fault fired),
     // and every event arrives, once, in order
     outbox.wait_all_published(WAIT).await;
-    let retried: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "select count(*) from {} where attempts > 1",
-        outbox.table
-    )))
-    .fetch_one(&outbox.pool)
-    .await
-    .unwrap();
+    let retried: i64 = outbox
+        .scalar("select count(*) from {table} where attempts > 1")
+        .await;
     assert!(retried > 0, "no row was retried");
     let received = drain(&mut reader, 500).await;
     Verdict::judge("Kafka produce request errors (mock)", &outbox, &received)
@@ -818,4 +781,81 @@ async fn a_fatal_producer_error_is_survived_with_a_new_producer() {
     Verdict::judge("Kafka producer fatal error (mock)", &outbox, &received)
         .await
         .assert_holds(100);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_paused_inside_a_claim_does_not_hold_the_others_back() {
+    // GIVEN 2 000 events, and instance A whose claim waits on the table's claim lock (the test
+    // holds it for a moment)
+    let mut outbox = Outbox::for_broker(Broker::Kafka).await;
+    short_leases(&mut outbox);
+    let mut reader = outbox.reader("order", 3).await;
+    insert_aggregates(&outbox, 20, 100).await;
+    let mut holder = sqlx::PgConnection::connect(&outbox.database_url)
+        .await
+        .unwrap();
+    let holder_pid: i32 = sqlx::query_scalar(
+        "select pg_backend_pid() from (select pg_advisory_lock(hashtextextended($1, 0))) l",
+    )
+    .bind(format!("outbox-relay:claim:{}", outbox.table))
+    .fetch_one(&mut holder)
+    .await
+    .unwrap();
+    let a = outbox.start();
+    let blocked = || async {
+        sqlx::query_scalar::<_, i32>(
+            "select pid from pg_stat_activity where $1 = any(pg_blocking_pids(pid))",
+        )
+        .bind(holder_pid)
+        .fetch_optional(&outbox.pool)
+        .await
+        .unwrap()
+    };
+    wait_until(WAIT, "A's claim waiting for the lock", || async {
+        blocked().await.is_some()
+    })
+    .await;
+    let a_session = blocked().await.expect("A's claim session");
+
+    // WHEN A is paused (SIGSTOP) and then gets the lock: its session sits idle inside the
+    // claim transaction, holding the claim lock (the fault)
+    a.signal(Signal::SIGSTOP);
+    sqlx::query("select pg_advisory_unlock_all()")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let pool = outbox.pool.clone();
+    let state = move |pid: i32| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Option<String>>(
+                "select state from pg_stat_activity where pid = $1",
+            )
+            .bind(pid)
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+            .flatten()
+        }
+    };
+    wait_until(
+        WAIT,
+        "A's session idle in its claim transaction",
+        || async { state(a_session).await.as_deref() == Some("idle in transaction") },
+    )
+    .await;
+
+    // THEN instance B publishes everything: PostgreSQL ends A's idle transaction
+    // (idle_in_transaction_session_timeout) and with it the claim lock
+    let started = Instant::now();
+    let _b = outbox.start();
+    outbox.wait_all_published(WAIT).await;
+    let recovery = started.elapsed();
+    assert_eq!(state(a_session).await, None, "A's session was ended");
+    a.signal(Signal::SIGCONT);
+    let received = drain(&mut reader, 2_000).await;
+    Verdict::judge("SIGSTOP inside a claim transaction", &outbox, &received)
+        .await
+        .recovered_in(recovery)
+        .assert_holds(0);
 }

@@ -174,13 +174,9 @@ async fn retention_deletes_only_old_published_and_old_dead_rows_while_the_relay_
     assert_eq!(count("recent").await, 5);
     assert_eq!(count("dead-recent").await, 2);
     wait_until(WAIT, "pending rows published", || async {
-        sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!(
-            "select count(published_at) from {} where aggregate_id = 'pending'",
-            outbox.table
-        )))
-        .fetch_one(&outbox.pool)
-        .await
-        .unwrap()
+        outbox
+            .scalar::<i64>("select count(published_at) from {table} where aggregate_id = 'pending'")
+            .await
             == 3
     })
     .await;

@@ -176,13 +176,7 @@ async fn rejected_rows_are_retried_with_backoff_then_dead_lettered_while_others_
     assert!(received.iter().any(|m| m.key == "big" && m.seq() == 1));
 
     // AND each dead letter was logged as an error with its event id
-    let event_id: uuid::Uuid = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "select event_id from {} where aggregate_id = 'big' and (payload->>'seq')::int = 0",
-        outbox.table
-    )))
-    .fetch_one(&outbox.pool)
-    .await
-    .unwrap();
+    let event_id: uuid::Uuid = outbox.scalar("select event_id from {table} where aggregate_id = 'big' and (payload->>'seq')::int = 0").await;
     relay
         .wait_for_log(&format!("event dead-lettered event_id={event_id}"), WAIT)
         .await;
@@ -287,13 +281,9 @@ async fn shutdown_timeout_releases_unacknowledged_rows_and_exits_1() {
     outbox.insert("order", "o-1", 0..3).await;
     let mut relay = outbox.start();
     wait_until(WAIT, "the batch is claimed", || async {
-        sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!(
-            "select count(*) from {} where next_attempt_at > now()",
-            outbox.table
-        )))
-        .fetch_one(&outbox.pool)
-        .await
-        .unwrap()
+        outbox
+            .scalar::<i64>("select count(*) from {table} where next_attempt_at > now()")
+            .await
             == 3
     })
     .await;

@@ -91,13 +91,7 @@ pub async fn committed_events_arrive_as_contracted_and_rolled_back_ones_never(br
         );
     }
     // AND the rows are marked published, with one attempt each
-    let unmarked: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "select count(*) from {} where published_at is null or attempts <> 1 or next_attempt_at is not null",
-        outbox.table
-    )))
-    .fetch_one(&outbox.pool)
-    .await
-    .unwrap();
+    let unmarked: i64 = outbox.scalar("select count(*) from {table} where published_at is null or attempts <> 1 or next_attempt_at is not null").await;
     assert_eq!(unmarked, 0);
 
     // AND SIGTERM stops the relay with exit code 0
@@ -280,13 +274,11 @@ pub async fn sigterm_settles_the_in_flight_batch_and_exits_zero(broker: Broker) 
     let status = relay.wait_exit(Duration::from_secs(20)).await;
     assert!(status.success(), "exit status {status:?}: {}", relay.logs());
     // AND no row is left claimed (a lease of 1h would otherwise delay it)
-    let leased: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "select count(*) from {} where published_at is null and next_attempt_at > now()",
-        outbox.table
-    )))
-    .fetch_one(&outbox.pool)
-    .await
-    .unwrap();
+    let leased: i64 = outbox
+        .scalar(
+            "select count(*) from {table} where published_at is null and next_attempt_at > now()",
+        )
+        .await;
     assert_eq!(leased, 0, "in-flight batch was settled");
     // AND every row marked published is in the broker
     let (published, _) = outbox.counts().await;

@@ -372,6 +372,17 @@ impl Outbox {
         .await;
     }
 
+    /// The one value `sql` (with `{table}` replaced by this test's table) selects.
+    pub async fn scalar<T>(&self, sql: &str) -> T
+    where
+        T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
+    {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.replace("{table}", &self.table)))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
     /// Runs SQL with `{table}` replaced by this test's table.
     pub async fn exec(&self, sql: &str) {
         sqlx::raw_sql(sqlx::AssertSqlSafe(sql.replace("{table}", &self.table)))
