@@ -187,6 +187,31 @@ async fn migrate_creates_a_schema_qualified_table() {
 }
 
 #[tokio::test]
+async fn migrating_several_tables_of_a_new_schema_at_once_succeeds() {
+    // GIVEN four tables in a schema that does not exist yet (so the schema and its migration
+    // tracking table are created by whichever run comes first)
+    let schema = unique("fresh");
+    let mut outboxes = Vec::new();
+    for i in 0..4 {
+        let mut outbox = Outbox::unmigrated().await;
+        outbox.table = format!("{schema}.outbox_{i}");
+        outboxes.push(outbox);
+    }
+    // WHEN they are migrated concurrently (sidecars of four services starting together)
+    let runs: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = outboxes.iter().map(|o| s.spawn(|| o.migrate())).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // THEN every run succeeds (they are serialised, not racing on `create ... if not exists`)
+    for run in runs {
+        assert!(
+            run.status.success() && run.stdout.contains("applied migration(s)"),
+            "{run:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn check_detects_a_missing_column() {
     // GIVEN a table the application created without `last_error`
     let outbox = Outbox::unmigrated().await;
