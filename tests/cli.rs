@@ -160,7 +160,7 @@ async fn migrate_twice_is_a_no_op() {
             .fetch_one(&outbox.pool)
             .await
             .unwrap();
-    assert_eq!(versions, 4, "one row per migration");
+    assert_eq!(versions, 5, "one row per migration");
     // AND check is happy with the result
     let check = outbox.command(&["check"]).success();
     assert!(
@@ -326,8 +326,9 @@ async fn status_counts_rows_by_state() {
     outbox
         .exec(
             "update {table} set published_at = now() where aggregate_id = 'published';
-             update {table} set next_attempt_at = now() + interval '1 minute', attempts = 1
-               where aggregate_id = 'leased';
+             insert into {leases} (claimed_at, until, ids, aggregates)
+               select now(), now() + interval '1 minute', array_agg(id), array['leased']
+               from {table} where aggregate_id = 'leased';
              update {table} set next_attempt_at = now() + interval '1 minute', attempts = 2,
                     last_error = 'boom'
                where aggregate_id = 'retrying' and (payload->>'seq')::int = 0;

@@ -58,7 +58,7 @@ impl MarkBlocker {
         sqlx::query_scalar(
             "select pid from pg_stat_activity
              where application_name = 'outbox-relay' and wait_event = 'advisory'
-               and query like 'update \"' || $1 || '\"%set published_at%'",
+               and query like '%update \"' || $1 || '\"%set published_at%'",
         )
         .bind(&self.table)
         .fetch_all(&outbox.pool)
@@ -358,12 +358,10 @@ async fn relay_idle_in_transaction(outbox: &Outbox, longer_than: &str) -> bool {
 /// Rows of the test's table under a live lease, and whether a relay session of this table is
 /// inside a transaction (a claim).
 async fn lease_state(outbox: &Outbox) -> (i64, bool) {
-    let leased: i64 = outbox
-        .scalar(
-            "select count(*) from {table} where published_at is null and next_attempt_at > now()",
-        )
-        .await;
-    (leased, relay_idle_in_transaction(outbox, "0").await)
+    (
+        outbox.leased().await,
+        relay_idle_in_transaction(outbox, "0").await,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -205,7 +205,8 @@ async fn the_relay_runs_with_only_the_documented_grants() {
                  on {{table}} to {role};
              grant update (published_at, attempts, next_attempt_at, last_error, dead_lettered_at)
                  on {{table}} to {role};
-             grant delete on {{table}} to {role};",
+             grant delete on {{table}} to {role};
+             grant select, insert, update, delete on {{leases}} to {role};",
             db = crate::support::TEST_DATABASE,
         ))
         .await;

@@ -120,8 +120,8 @@ async fn rejected_rows_are_retried_with_backoff_then_dead_lettered_while_others_
     };
 
     // AND the oversized row is retried with growing delays, then dead-lettered with its reason
-    // Last observed `next_attempt_at` per attempt count: after the claim it holds the lease,
-    // after the failure the retry time, which is what stays until the next claim.
+    // `next_attempt_at` per attempt count: each failure charges the attempt and sets the retry
+    // time, which stays until the next failure.
     let mut schedule = BTreeMap::new();
     let deadline = std::time::Instant::now() + WAIT;
     loop {
@@ -281,10 +281,7 @@ async fn shutdown_timeout_releases_unacknowledged_rows_and_exits_1() {
     outbox.insert("order", "o-1", 0..3).await;
     let mut relay = outbox.start();
     wait_until(WAIT, "the batch is claimed", || async {
-        outbox
-            .scalar::<i64>("select count(*) from {table} where next_attempt_at > now()")
-            .await
-            == 3
+        outbox.leased().await == 3
     })
     .await;
 
@@ -292,7 +289,7 @@ async fn shutdown_timeout_releases_unacknowledged_rows_and_exits_1() {
     relay.signal(nix::sys::signal::Signal::SIGTERM);
 
     // THEN it gives up on the batch after the timeout, exits 1, and hands the rows back at
-    // once (no hour-long lease for the next instance), with their attempts returned
+    // once (no hour-long lease for the next instance), with no attempt charged
     let status = relay.wait_exit(Duration::from_secs(15)).await;
     assert_eq!(status.code(), Some(1), "{}", relay.logs());
     let rows: Vec<(i32, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -303,5 +300,6 @@ async fn shutdown_timeout_releases_unacknowledged_rows_and_exits_1() {
     .await
     .unwrap();
     assert_eq!(rows, vec![(0, true); 3]);
+    assert_eq!(outbox.leased().await, 0);
     assert!(relay.logs().contains("released=3"), "{}", relay.logs());
 }

@@ -104,7 +104,8 @@ pub struct OutboxRow {
     pub headers: String,
     /// When the application wrote the row.
     pub created_at: DateTime<Utc>,
-    /// Delivery attempts, this one included.
+    /// Delivery attempts, this one included (earlier ones that failed, or ended with no
+    /// outcome recorded, plus this one).
     pub attempts: i32,
     /// At least two earlier attempts ended with no outcome recorded (the relay crashed, was
     /// killed or lost its lease while publishing, twice): the row is suspected of crashing the
@@ -113,11 +114,13 @@ pub struct OutboxRow {
     pub abandoned: bool,
 }
 
-/// The fencing token of one claim: the lease expiry written into `next_attempt_at` of every row
-/// of the batch. A statement that settles rows only matches rows still carrying this exact value,
-/// so an instance whose lease ran out (and whose rows were claimed again) changes nothing.
+/// The fencing token of one claim: the id of its row in the lease table (migration 0005), and
+/// when it expires. Statements that settle rows only act while that lease row exists; once it
+/// expired and another claim reaped it (the rows may have been claimed again), they change
+/// nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Lease {
+    pub(crate) id: i64,
     pub(crate) until: DateTime<Utc>,
 }
 

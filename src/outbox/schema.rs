@@ -31,6 +31,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "published_index",
         include_str!("../../migrations/0004_published_index.sql"),
     ),
+    (
+        5,
+        "leases",
+        include_str!("../../migrations/0005_leases.sql"),
+    ),
 ];
 
 /// Renders a migration for `table`: every placeholder becomes a validated, quoted identifier.
@@ -46,6 +51,7 @@ fn render(sql: &str, table: &Table) -> String {
         .replace("{{waiting_index}}", &bare("waiting_idx"))
         .replace("{{dead_index}}", &bare("dead_idx"))
         .replace("{{published_index}}", &bare("published_idx"))
+        .replace("{{lease_table}}", &table.companion("leases"))
         .replace("{{notify_trigger}}", &bare("relay_notify"))
         .replace("{{notify_function}}", &table.companion("relay_notify"))
 }
@@ -219,12 +225,16 @@ pub(crate) struct Inspection {
     pub(crate) has_notify_trigger: bool,
     /// The channel the NOTIFY trigger uses for this table.
     pub(crate) channel: String,
+    /// Whether the lease table of migration 0005 exists.
+    pub(crate) has_lease_table: bool,
+    /// Its name, for the message.
+    pub(crate) lease_table: String,
 }
 
 impl Inspection {
     /// True when the relay can run against the table.
     pub(crate) fn is_usable(&self) -> bool {
-        self.missing.is_empty() && self.wrong_type.is_empty()
+        self.missing.is_empty() && self.wrong_type.is_empty() && self.has_lease_table
     }
 }
 
@@ -239,6 +249,13 @@ impl fmt::Display for Inspection {
             }
             for (column, found) in &self.wrong_type {
                 write!(f, "; column {column} has type {found}")?;
+            }
+            if !self.has_lease_table {
+                write!(
+                    f,
+                    "; lease table {} missing (run `outbox-relay migrate`)",
+                    self.lease_table
+                )?;
             }
         }
         if !self.extra.is_empty() {
@@ -301,8 +318,15 @@ pub(crate) async fn inspect(
     .bind(format!("{}_relay_notify", table.name()))
     .fetch_one(&mut *conn)
     .await?;
+    let lease_table = table.companion("leases");
+    let has_lease_table: bool = sqlx::query_scalar("select to_regclass($1) is not null")
+        .bind(&lease_table)
+        .fetch_one(&mut *conn)
+        .await?;
 
     let mut inspection = Inspection {
+        has_lease_table,
+        lease_table: lease_table.replace('"', ""),
         channel: format!("outbox_relay:{schema}.{relname}"),
         resolved: format!("{schema}.{relname}"),
         missing: Vec::new(),

@@ -2,18 +2,26 @@
 //!
 //! # Claim protocol
 //! A claim is one short transaction: it takes a transaction-scoped advisory lock (so concurrent
-//! claimers on the same table are serialised and cannot reorder an aggregate between them), picks
-//! up to `batch_size` due rows in `id` order whose aggregate has no row waiting (leased by
-//! someone, or backing off after a failure), and leases them by writing `next_attempt_at = lease expiry`
-//! and `attempts = attempts + 1`. No transaction or row lock is held while the broker works.
+//! claimers on the same table are serialised and cannot reorder an aggregate between them),
+//! reaps expired leases, picks up to `batch_size` due rows in `id` order whose aggregate has no
+//! row waiting (in a lease, or backing off after a failure), and records one lease row for the
+//! batch in the lease table (migration 0005): its expiry, its row ids and their aggregates. The
+//! claimed rows themselves are only read: a claim that wrote every row (as before 0005) cost
+//! more than half of the database's work per event. No transaction or row lock is held while
+//! the broker works.
 //!
-//! The lease expiry doubles as a fencing token: mark, retry and release only touch rows whose
-//! `next_attempt_at` still equals it, so an instance that lost its lease (paused, partitioned)
-//! cannot overwrite the state written by the instance that took the rows over.
+//! The lease row's id is the fencing token. Each batch is settled by statements that act only
+//! while its lease row exists: failures and releases share-lock it, and the mark, the last
+//! statement, deletes it. A lease that outlived `until` (its instance died, stalled or lost the
+//! database) is deleted by the next claim of any instance, which so takes the rows over; a
+//! settling statement that comes later finds no lease and changes nothing. The row lock makes
+//! the two exclusive: a settlement in progress finishes before the reaper deletes its lease.
 //!
-//! Counting the attempt at claim time means a row that crashes the relay still uses up its
-//! attempts; attempts that failed for a reason that is not the row's (broker down, shutdown) are
-//! given back by [`Store::release`].
+//! Attempts are charged when they end: a mark or a recorded failure adds one, and reaping an
+//! expired lease adds one to each of its rows left without an outcome — so a row that crashes
+//! the relay still uses up its attempts. Attempts that failed for a reason that is not the
+//! row's (broker down, shutdown) are not charged ([`Store::release`]). A claimed row carries
+//! the number of the attempt it is about to make.
 //!
 //! # Commit-order guard
 //! Ids come from a sequence when a row is inserted, but transactions commit in any order: a
@@ -66,7 +74,9 @@ impl StoreError {
     pub(crate) fn hint(&self) -> Option<&'static str> {
         let code = self.source.as_database_error()?.code()?;
         match code.as_ref() {
-            "42P01" => Some("the outbox table does not exist: run `outbox-relay migrate`"),
+            "42P01" => Some(
+                "the outbox table or its lease table does not exist: run `outbox-relay migrate`",
+            ),
             "42703" | "42804" => Some(
                 "the outbox table lacks a required column or has a wrong type: run `outbox-relay check`",
             ),
@@ -127,6 +137,7 @@ pub(crate) struct Store {
     retry: SqlStr,
     release: SqlStr,
     release_lease: SqlStr,
+    reap: SqlStr,
     pending: SqlStr,
     delete_published: SqlStr,
     delete_dead: SqlStr,
@@ -172,69 +183,101 @@ impl Store {
         commit_order_guard: bool,
     ) -> Self {
         let t = table.quoted();
+        let leases = table.companion("leases");
+        // Reads the batch (no row is written or locked: claims are serialised by the advisory
+        // lock, and the lease row keeps other claims off its aggregates) and records its lease.
         let claim = format!(
-            "with lease as materialized (
-                 select clock_timestamp() + $2 * interval '1 millisecond' as until
-             ),
-             claimable as (
-                 select o.id from {t} o
+            "with claimable as (
+                 select o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
+                        o.payload::text as payload, o.headers::text as headers, o.created_at,
+                        o.attempts + 1 as attempts,
+                        -- the two attempts before this one left no outcome
+                        o.attempts >= 2 and o.last_error is null as abandoned
+                 from {t} o
                  where o.published_at is null and o.dead_lettered_at is null
                    and (o.next_attempt_at is null or o.next_attempt_at <= now())
                    -- the commit-order horizon (module docs); null when the guard is off
                    and o.id <= coalesce($4, o.id)
-                   -- skip aggregates with a waiting row (leased, or backing off); a hashed
-                   -- subplan over the small waiting index, see migration 0002
+                   -- skip aggregates with a waiting row: backing off (a hashed subplan over the
+                   -- small waiting index, migration 0002), parked behind a dead letter
+                   -- (retry.on_dead_letter = park, migration 0003), or in a lease
                    and o.aggregate_id not in (
                        select w.aggregate_id from {t} w
                        where w.published_at is null and w.next_attempt_at > now()
                        union all
-                       -- parked behind a dead letter (retry.on_dead_letter = park), migration 0003
                        select d.aggregate_id from {t} d
-                       where $3 and d.published_at is null and d.dead_lettered_at is not null)
+                       where $3 and d.published_at is null and d.dead_lettered_at is not null
+                       union all
+                       select unnest(l.aggregates) from {leases} l)
                  order by o.id
                  limit $1
-                 for update of o
+             ),
+             lease as (
+                 insert into {leases} (claimed_at, until, ids, aggregates)
+                 select now(), clock_timestamp() + $2 * interval '1 millisecond',
+                        array_agg(c.id), array_agg(distinct c.aggregate_id::text)
+                 from claimable c
+                 having count(*) > 0
+                 returning id as lease_id, until
              )
-             update {t} o
-             set attempts = o.attempts + 1, next_attempt_at = lease.until
-             from claimable c, lease
-             where o.id = c.id
-             returning o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
-                       o.payload::text as payload, o.headers::text as headers, o.created_at,
-                       o.attempts, lease.until,
-                       -- attempts counts this claim: the two before it left no outcome
-                       o.attempts > 2 and o.last_error is null as abandoned"
+             select c.*, lease.lease_id, lease.until from claimable c, lease"
         );
-        // Mark and release join the batch's ids as a set: the planner reaches the rows through
-        // the lease value (waiting index) and a `id = any($1)` filter would then compare every
-        // row with the whole array, quadratic in the batch size (seen in a profile at batch
-        // 1 000: ExecEvalScalarArrayOp + int8eq, ~4 % of the database's CPU).
+        // Leases that outlived their expiry: their instance died or stalled. Each of their rows
+        // still without an outcome (not published, not dead, no retry time set since the claim)
+        // is charged the attempt, then the rows are free to be claimed again.
+        let reap = format!(
+            "with expired as (
+                 delete from {leases} where until <= now() returning ids, claimed_at
+             )
+             update {t} o set attempts = o.attempts + 1
+             from expired e, unnest(e.ids) as b(id)
+             where o.id = b.id and o.published_at is null and o.dead_lettered_at is null
+               and (o.next_attempt_at is null or o.next_attempt_at <= e.claimed_at)"
+        );
+        // The last statement of a settlement: marks the acknowledged rows and ends the lease, in
+        // one statement, only if the lease was still there. Rows are joined as a set: a
+        // `id = any($1)` filter compared every row with the whole array, quadratic in the batch
+        // size (seen in a profile at batch 1 000: ExecEvalScalarArrayOp + int8eq, ~4 % of the
+        // database's CPU).
         let mark = format!(
-            "update {t} o set published_at = now(), next_attempt_at = null
-             from unnest($1::bigint[]) as b(id)
-             where o.id = b.id and o.next_attempt_at = $2 and o.published_at is null"
+            "with lease as (delete from {leases} where id = $2 returning id)
+             update {t} o set published_at = now(), next_attempt_at = null,
+                              attempts = o.attempts + 1
+             from lease, unnest($1::bigint[]) as b(id)
+             where o.id = b.id and o.published_at is null"
         );
         let retry = format!(
-            "update {t} o
-             set last_error = f.error,
+            "with lease as (select id from {leases} where id = $5 for share)
+             update {t} o
+             set attempts = o.attempts + 1,
+                 last_error = f.error,
                  next_attempt_at = case when f.dead then null
                                         else clock_timestamp() + f.delay_ms * interval '1 millisecond' end,
                  dead_lettered_at = case when f.dead then now() end
-             from unnest($1::bigint[], $2::text[], $3::bigint[], $4::bool[]) as f(id, error, delay_ms, dead)
-             where o.id = f.id and o.next_attempt_at = $5 and o.published_at is null"
+             from lease, unnest($1::bigint[], $2::text[], $3::bigint[], $4::bool[]) as f(id, error, delay_ms, dead)
+             where o.id = f.id and o.published_at is null"
         );
+        // Released rows leave the lease's ids, so reaping the lease (should the relay die
+        // before the batch is settled) charges them nothing; their aggregates stay held until
+        // the lease ends, when the rows are due again. With an error, it is kept on the rows
+        // for operators. Returns how many of the rows the lease still held.
         let release = format!(
-            "update {t} o
-             set attempts = greatest(o.attempts - 1, 0), next_attempt_at = null,
-                 last_error = coalesce($3, o.last_error)
-             from unnest($1::bigint[]) as b(id)
-             where o.id = b.id and o.next_attempt_at = $2 and o.published_at is null"
+            "with lease as (
+                 update {leases} l
+                 set ids = array(select unnest(old.ids) except select unnest($1::bigint[]))
+                 from (select id, ids from {leases} where id = $2 for update) old
+                 where l.id = old.id
+                 returning cardinality(old.ids) - cardinality(l.ids) as released
+             ),
+             noted as (
+                 update {t} o set last_error = $3
+                 from lease, unnest($1::bigint[]) as b(id)
+                 where $3::text is not null and o.id = b.id and o.published_at is null
+             )
+             select coalesce((select released from lease), 0)::bigint"
         );
-        let release_lease = format!(
-            "update {t}
-             set attempts = greatest(attempts - 1, 0), next_attempt_at = null
-             where next_attempt_at = $1 and published_at is null"
-        );
+        let release_lease =
+            format!("delete from {leases} where id = $1 returning cardinality(ids)::bigint");
         // Oldest first along the index of published rows (migration 0004) and the small index
         // of dead ones (0003): each statement reads about as many rows as it deletes, however
         // large the table. The try-lock makes one instance delete at a time; the others skip
@@ -285,6 +328,7 @@ impl Store {
             retry: sql(retry),
             release: sql(release),
             release_lease: sql(release_lease),
+            reap: sql(reap),
             pending: sql(pending),
             delete_published: sql(delete_published),
             delete_dead: sql(delete_dead),
@@ -354,6 +398,10 @@ impl Store {
             .execute(&mut *tx)
             .await
             .map_err(StoreError::new("claim"))?;
+        sqlx::query(self.reap.clone())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::new("claim"))?;
         let (horizon, held_back) = self
             .horizon(&mut tx)
             .await
@@ -375,6 +423,9 @@ impl Store {
             });
         };
         let lease = Lease {
+            id: first
+                .try_get("lease_id")
+                .map_err(StoreError::new("claim"))?,
             until: first.try_get("until").map_err(StoreError::new("claim"))?,
         };
         let mut rows = rows
@@ -389,19 +440,14 @@ impl Store {
         })
     }
 
-    /// Marks acknowledged rows published, in one statement. Returns how many rows still carried
-    /// the lease; fewer than `ids.len()` means another instance took some over (fenced).
-    pub(crate) async fn mark_published(
-        &self,
-        ids: &[i64],
-        lease: Lease,
-    ) -> Result<u64, StoreError> {
-        if ids.is_empty() {
-            return Ok(0);
-        }
+    /// Marks the acknowledged rows published and ends the lease, in one statement: the last
+    /// statement of every settlement, run even when no row was acknowledged. Returns how many
+    /// rows it marked; fewer than `ids.len()` means the lease had expired and another claim
+    /// took the rows over (fenced).
+    pub(crate) async fn finish(&self, ids: &[i64], lease: Lease) -> Result<u64, StoreError> {
         let done = sqlx::query(self.mark.clone())
             .bind(ids)
-            .bind(lease.until)
+            .bind(lease.id)
             .execute(&self.pool)
             .await
             .map_err(StoreError::new("mark"))?;
@@ -430,15 +476,16 @@ impl Store {
             .bind(&errors)
             .bind(&delays)
             .bind(&dead)
-            .bind(lease.until)
+            .bind(lease.id)
             .execute(&self.pool)
             .await
             .map_err(StoreError::new("retry"))?;
         Ok(done.rows_affected())
     }
 
-    /// Gives rows back without using up an attempt: they become due at once (the relay itself
-    /// pauses when the broker is down). `error`, when given, is kept as `last_error`.
+    /// Gives rows back without using up an attempt: they leave the lease and are due again
+    /// once it ends ([`Store::finish`]; the relay itself pauses when the broker is down).
+    /// `error`, when given, is kept as `last_error`. Returns how many rows the lease still held.
     pub(crate) async fn release(
         &self,
         ids: &[i64],
@@ -448,24 +495,25 @@ impl Store {
         if ids.is_empty() {
             return Ok(0);
         }
-        let done = sqlx::query(self.release.clone())
+        let rows: i64 = sqlx::query_scalar(self.release.clone())
             .bind(ids)
-            .bind(lease.until)
+            .bind(lease.id)
             .bind(error)
-            .execute(&self.pool)
+            .fetch_one(&self.pool)
             .await
             .map_err(StoreError::new("release"))?;
-        Ok(done.rows_affected())
+        Ok(u64::try_from(rows).unwrap_or(0))
     }
 
-    /// Gives back every row still holding `lease` (shutdown with a batch in flight).
+    /// Ends `lease` without an outcome for its rows (shutdown with a batch in flight): they are
+    /// due again at once and no attempt is charged. Returns how many rows the lease held.
     pub(crate) async fn release_lease(&self, lease: Lease) -> Result<u64, StoreError> {
-        let done = sqlx::query(self.release_lease.clone())
-            .bind(lease.until)
-            .execute(&self.pool)
+        let rows: Option<i64> = sqlx::query_scalar(self.release_lease.clone())
+            .bind(lease.id)
+            .fetch_optional(&self.pool)
             .await
             .map_err(StoreError::new("release"))?;
-        Ok(done.rows_affected())
+        Ok(rows.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
     }
 
     /// Deletes up to `limit` rows published (or, with `dead`, dead-lettered) more than `age`
@@ -511,7 +559,7 @@ impl Store {
 pub(crate) struct Status {
     /// Unpublished, not dead-lettered rows.
     pub(crate) pending: i64,
-    /// Pending rows leased by an instance right now (no earlier failure).
+    /// Pending rows in a batch an instance is publishing right now (in a lease).
     pub(crate) in_flight: i64,
     /// Pending rows that failed and wait for their next attempt.
     pub(crate) retrying: i64,
@@ -531,21 +579,25 @@ pub(crate) async fn status(
     park_dead: bool,
 ) -> Result<Status, sqlx::Error> {
     let t = table.quoted();
+    let leases = table.companion("leases");
     let row = sqlx::query(AssertSqlSafe(format!(
-        "with unpublished as (
-             select aggregate_id, created_at, next_attempt_at, last_error, dead_lettered_at
+        "with leased as (select unnest(ids) as id from {leases}),
+         unpublished as (
+             select id, aggregate_id, created_at, next_attempt_at, dead_lettered_at,
+                    id in (select id from leased) as in_flight
              from {t} where published_at is null
          ),
          waiting as (
-             select distinct aggregate_id from unpublished
-             where (dead_lettered_at is null and next_attempt_at > now())
+             select aggregate_id from unpublished
+             where in_flight
+                or (dead_lettered_at is null and next_attempt_at > now())
                 or ($1 and dead_lettered_at is not null)
          )
          select
              count(*) filter (where dead_lettered_at is null),
-             count(*) filter (where dead_lettered_at is null and next_attempt_at > now() and last_error is null),
-             count(*) filter (where dead_lettered_at is null and next_attempt_at > now() and last_error is not null),
-             count(*) filter (where dead_lettered_at is null
+             count(*) filter (where dead_lettered_at is null and in_flight),
+             count(*) filter (where dead_lettered_at is null and not in_flight and next_attempt_at > now()),
+             count(*) filter (where dead_lettered_at is null and not in_flight
                                 and (next_attempt_at is null or next_attempt_at <= now())
                                 and aggregate_id in (select aggregate_id from waiting)),
              count(*) filter (where dead_lettered_at is not null),

@@ -545,7 +545,9 @@ impl Relay {
             .partition(|r| r.aggregate_id == aggregate && r.id <= last);
         batch.rows = keep;
         let ids: Vec<i64> = others.iter().map(|r| r.id).collect();
-        // On failure the lease runs out and the rows come back then.
+        // They leave the lease now, so a crash while the suspect publishes charges them nothing;
+        // they are due again when the lease ends. On failure the lease runs out and they come
+        // back then.
         let _ = self
             .settle("release", batch.lease, || {
                 self.store.release(&ids, batch.lease, None)
@@ -710,13 +712,7 @@ impl Relay {
         settled.acked = acked.len();
         failures.sort_unstable_by_key(|f| f.id);
 
-        let marked = self
-            .settle("mark", batch.lease, || {
-                self.store.mark_published(&acked, batch.lease)
-            })
-            .await?;
-        self.stats.published.fetch_add(marked, Ordering::Relaxed);
-        self.count_outcomes(batch, &acked, &failures);
+        // The mark comes last: it also ends the lease, which frees the batch's aggregates.
         let recorded = self
             .settle("retry", batch.lease, || {
                 self.store.record_failures(&failures, batch.lease)
@@ -743,6 +739,13 @@ impl Relay {
                     self.store.release(&held_back, batch.lease, None)
                 })
                 .await?;
+        let marked = self
+            .settle("mark", batch.lease, || {
+                self.store.finish(&acked, batch.lease)
+            })
+            .await?;
+        self.stats.published.fetch_add(marked, Ordering::Relaxed);
+        self.count_outcomes(batch, &acked, &failures);
         // Every statement above is fenced by the lease: rows it did not touch were taken over
         // by another instance after this one's lease ran out (it was paused or too slow).
         let expected = acked.len() + failures.len() + released.len() + held_back.len();

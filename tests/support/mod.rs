@@ -364,6 +364,12 @@ impl Outbox {
         .expect("count rows")
     }
 
+    /// Rows in a batch some instance is publishing (named by a lease, migration 0005).
+    pub async fn leased(&self) -> i64 {
+        self.scalar("select coalesce(sum(cardinality(ids)), 0)::bigint from {leases}")
+            .await
+    }
+
     pub async fn wait_all_published(&self, timeout: Duration) {
         wait_until(timeout, "every outbox row published", || async {
             let (published, total) = self.counts().await;
@@ -372,20 +378,26 @@ impl Outbox {
         .await;
     }
 
-    /// The one value `sql` (with `{table}` replaced by this test's table) selects.
+    /// `sql` with `{table}` and `{leases}` replaced by this test's table and its lease table.
+    fn render(&self, sql: &str) -> String {
+        sql.replace("{leases}", &format!("{}_leases", self.table))
+            .replace("{table}", &self.table)
+    }
+
+    /// The one value `sql` (see [`Outbox::render`]) selects.
     pub async fn scalar<T>(&self, sql: &str) -> T
     where
         T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
     {
-        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.replace("{table}", &self.table)))
+        sqlx::query_scalar(sqlx::AssertSqlSafe(self.render(sql)))
             .fetch_one(&self.pool)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
-    /// Runs SQL with `{table}` replaced by this test's table.
+    /// Runs SQL (see [`Outbox::render`]).
     pub async fn exec(&self, sql: &str) {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.replace("{table}", &self.table)))
+        sqlx::raw_sql(sqlx::AssertSqlSafe(self.render(sql)))
             .execute(&self.pool)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
