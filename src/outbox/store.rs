@@ -133,6 +133,7 @@ pub(crate) struct Store {
     /// Name of the retention advisory lock (one deleting instance per table).
     retention_lock: String,
     claim: SqlStr,
+    lease: SqlStr,
     mark: SqlStr,
     retry: SqlStr,
     release: SqlStr,
@@ -184,43 +185,40 @@ impl Store {
     ) -> Self {
         let t = table.quoted();
         let leases = table.companion("leases");
-        // Reads the batch (no row is written or locked: claims are serialised by the advisory
-        // lock, and the lease row keeps other claims off its aggregates) and records its lease.
+        // Reads the batch: no row is written or locked (claims are serialised by the advisory
+        // lock, and the lease row written next keeps other claims off its aggregates).
         let claim = format!(
-            "with claimable as (
-                 select o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
-                        o.payload::text as payload, o.headers::text as headers, o.created_at,
-                        o.attempts + 1 as attempts,
-                        -- the two attempts before this one left no outcome
-                        o.attempts >= 2 and o.last_error is null as abandoned
-                 from {t} o
-                 where o.published_at is null and o.dead_lettered_at is null
-                   and (o.next_attempt_at is null or o.next_attempt_at <= now())
-                   -- the commit-order horizon (module docs); null when the guard is off
-                   and o.id <= coalesce($4, o.id)
-                   -- skip aggregates with a waiting row: backing off (a hashed subplan over the
-                   -- small waiting index, migration 0002), parked behind a dead letter
-                   -- (retry.on_dead_letter = park, migration 0003), or in a lease
-                   and o.aggregate_id not in (
-                       select w.aggregate_id from {t} w
-                       where w.published_at is null and w.next_attempt_at > now()
-                       union all
-                       select d.aggregate_id from {t} d
-                       where $3 and d.published_at is null and d.dead_lettered_at is not null
-                       union all
-                       select unnest(l.aggregates) from {leases} l)
-                 order by o.id
-                 limit $1
-             ),
-             lease as (
-                 insert into {leases} (claimed_at, until, ids, aggregates)
-                 select now(), clock_timestamp() + $2 * interval '1 millisecond',
-                        array_agg(c.id), array_agg(distinct c.aggregate_id::text)
-                 from claimable c
-                 having count(*) > 0
-                 returning id as lease_id, until
-             )
-             select c.*, lease.lease_id, lease.until from claimable c, lease"
+            "select o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
+                    o.payload::text as payload, o.headers::text as headers, o.created_at,
+                    o.attempts + 1 as attempts,
+                    -- the two attempts before this one left no outcome
+                    o.attempts >= 2 and o.last_error is null as abandoned
+             from {t} o
+             where o.published_at is null and o.dead_lettered_at is null
+               and (o.next_attempt_at is null or o.next_attempt_at <= now())
+               -- the commit-order horizon (module docs); null when the guard is off
+               and o.id <= coalesce($3, o.id)
+               -- skip aggregates with a waiting row: backing off (a hashed subplan over the
+               -- small waiting index, migration 0002), parked behind a dead letter
+               -- (retry.on_dead_letter = park, migration 0003), or in a lease
+               and o.aggregate_id not in (
+                   select w.aggregate_id from {t} w
+                   where w.published_at is null and w.next_attempt_at > now()
+                   union all
+                   select d.aggregate_id from {t} d
+                   where $2 and d.published_at is null and d.dead_lettered_at is not null
+                   union all
+                   select unnest(l.aggregates) from {leases} l)
+             order by o.id
+             limit $1"
+        );
+        // The batch's lease, in the claim's transaction. Ids and distinct aggregates come from
+        // the relay: building them in SQL (a materialised CTE of the rows, a sort for the
+        // distinct aggregates) cost 3 ms of a 1 000-row claim.
+        let lease = format!(
+            "insert into {leases} (claimed_at, until, ids, aggregates)
+             values (now(), clock_timestamp() + $1 * interval '1 millisecond', $2, $3)
+             returning id, until"
         );
         // Leases that outlived their expiry: their instance died or stalled. Each of their rows
         // still without an outcome (not published, not dead, no retry time set since the claim)
@@ -324,6 +322,7 @@ impl Store {
             park_dead,
             retention_lock: format!("outbox-relay:retention:{table}"),
             claim: sql(claim),
+            lease: sql(lease),
             mark: sql(mark),
             retry: sql(retry),
             release: sql(release),
@@ -406,36 +405,46 @@ impl Store {
             .horizon(&mut tx)
             .await
             .map_err(StoreError::new("claim"))?;
-        let lease_ms = i64::try_from(lease_duration.as_millis()).unwrap_or(i64::MAX);
         let rows = sqlx::query(self.claim.clone())
             .bind(i64::from(limit))
-            .bind(lease_ms)
             .bind(self.park_dead)
             .bind(horizon)
             .fetch_all(&mut *tx)
             .await
             .map_err(StoreError::new("claim"))?;
-        tx.commit().await.map_err(StoreError::new("claim"))?;
-        let Some(first) = rows.first() else {
+        if rows.is_empty() {
+            tx.commit().await.map_err(StoreError::new("claim"))?;
             return Ok(Claimed {
                 batch: None,
                 held_back,
             });
-        };
-        let lease = Lease {
-            id: first
-                .try_get("lease_id")
-                .map_err(StoreError::new("claim"))?,
-            until: first.try_get("until").map_err(StoreError::new("claim"))?,
-        };
-        let mut rows = rows
+        }
+        let rows = rows
             .iter()
             .map(decode_row)
             .collect::<Result<Vec<_>, _>>()
             .map_err(StoreError::new("claim"))?;
-        rows.sort_unstable_by_key(|r| r.id);
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        let aggregates: Vec<&str> = rows
+            .iter()
+            .map(|r| r.aggregate_id.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let lease_ms = i64::try_from(lease_duration.as_millis()).unwrap_or(i64::MAX);
+        let (id, until) = sqlx::query_as(self.lease.clone())
+            .bind(lease_ms)
+            .bind(&ids)
+            .bind(&aggregates)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(StoreError::new("claim"))?;
+        tx.commit().await.map_err(StoreError::new("claim"))?;
         Ok(Claimed {
-            batch: Some(Batch { rows, lease }),
+            batch: Some(Batch {
+                rows,
+                lease: Lease { id, until },
+            }),
             held_back,
         })
     }
