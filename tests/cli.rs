@@ -246,6 +246,24 @@ async fn check_reports_a_missing_table_with_the_migrate_hint() {
 }
 
 #[tokio::test]
+async fn check_names_a_missing_lease_table_and_migrate_restores_it() {
+    // GIVEN a migrated table whose lease table was dropped
+    let outbox = Outbox::new().await;
+    outbox.exec("drop table {leases}").await;
+    // WHEN check runs, THEN it fails and names the lease table and the fix
+    let out = outbox.command(&["check"]);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    let expected = format!(
+        "lease table {}_leases missing (run `outbox-relay migrate`)",
+        outbox.table
+    );
+    assert!(out.stdout.contains(&expected), "{out:?}");
+    // AND migrate (already at the newest version) creates it again, and check passes
+    outbox.migrate().success();
+    outbox.command(&["check"]).success();
+}
+
+#[tokio::test]
 async fn relay_outlives_a_missing_table_and_starts_publishing_once_it_exists() {
     // GIVEN a relay started before its table exists
     let outbox = Outbox::unmigrated().await;

@@ -31,12 +31,12 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "published_index",
         include_str!("../../migrations/0004_published_index.sql"),
     ),
-    (
-        5,
-        "leases",
-        include_str!("../../migrations/0005_leases.sql"),
-    ),
+    (5, "leases", LEASE_TABLE),
 ];
+
+/// Migration 0005. The lease table holds only the relay's own state, so `migrate` also creates
+/// it on every run when it is missing (dropped, or a table adopted at version 5 without it).
+const LEASE_TABLE: &str = include_str!("../../migrations/0005_leases.sql");
 
 /// Renders a migration for `table`: every placeholder becomes a validated, quoted identifier.
 fn render(sql: &str, table: &Table) -> String {
@@ -126,6 +126,11 @@ pub(crate) async fn migrate(
         .execute(&mut *tx)
         .await?;
         done.push(*version);
+    }
+    if !done.contains(&5) {
+        sqlx::raw_sql(AssertSqlSafe(render(LEASE_TABLE, table)))
+            .execute(&mut *tx)
+            .await?;
     }
     // The NOTIFY trigger follows `database.notify_trigger` on every run: NOTIFY takes a
     // database-wide lock at commit, which busy writers may not want to pay for (see README).
