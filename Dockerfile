@@ -8,6 +8,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+# sqlx-core with TCP_NODELAY, wired in by [patch.crates-io]
+COPY vendor ./vendor
 COPY src ./src
 COPY migrations ./migrations
 COPY config ./config
