@@ -4,7 +4,7 @@
 //! Every figure is measured in this run, on this machine, with PostgreSQL, the broker and the
 //! relay (the release binary, as a child process) sharing its cores. Options:
 //! `--rows N` (default 200000), `--aggregates N` (5000), `--payload BYTES` (1000),
-//! `--batch N` (1000), `--only floors,drain,scale,notify,latency` (default: all).
+//! `--batch N` (2000, the relay default), `--only floors,drain,scale,notify,latency` (default: all).
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -45,7 +45,7 @@ impl Args {
             rows: 200_000,
             aggregates: 5_000,
             payload: 1_000,
-            batch: 1_000,
+            batch: 2_000,
             retained: 10_000_000,
             only: vec![],
         };

@@ -150,11 +150,16 @@ pub struct DatabaseConfig {
 #[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RelayConfig {
-    /// Most rows claimed and published as one batch. Default 1000 (BENCHMARKS.md: 33k / 41k /
-    /// 44k ev/s to Kafka at 500 / 1000 / 2000; the relay holds up to
-    /// `max_in_flight_batches` batches of payloads in memory).
+    /// Most rows claimed and published as one batch. Default 2000 (BENCHMARKS.md: 33k / 37–41k
+    /// / 41–44k ev/s to Kafka at 500 / 1000 / 2000); `max_batch_bytes` bounds the memory.
     #[serde(default = "default_batch_size")]
     pub batch_size: u32,
+    /// Most payload bytes in one batch (PostgreSQL's stored size of `payload`, summed in `id`
+    /// order); a batch always takes at least one row. Bounds the relay's memory for large
+    /// events: about `max_in_flight_batches` × this, plus the broker client's copies. Default
+    /// 8388608 (8 MiB).
+    #[serde(default = "default_max_batch_bytes")]
+    pub max_batch_bytes: u64,
     /// Batches published at once; the next claim and the marking of earlier batches overlap
     /// the broker's work. Batches in flight never share an aggregate. Default 2.
     #[serde(default = "default_max_in_flight_batches")]
@@ -360,7 +365,7 @@ pub enum LogFormat {
 }
 
 pub(crate) const DEFAULT_TABLE: &str = "outbox";
-pub(crate) const DEFAULT_BATCH_SIZE: u32 = 1000;
+pub(crate) const DEFAULT_BATCH_SIZE: u32 = 2000;
 pub(crate) const MAX_BATCH_SIZE: u32 = 10_000;
 
 fn default_table() -> String {
@@ -374,6 +379,9 @@ fn default_statement_timeout() -> Duration {
 }
 fn default_batch_size() -> u32 {
     DEFAULT_BATCH_SIZE
+}
+fn default_max_batch_bytes() -> u64 {
+    8 * 1024 * 1024
 }
 fn default_max_in_flight_batches() -> u32 {
     2
@@ -422,6 +430,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         Self {
             batch_size: default_batch_size(),
+            max_batch_bytes: default_max_batch_bytes(),
             max_in_flight_batches: default_max_in_flight_batches(),
             commit_order_guard: true,
             poll_interval: default_poll_interval(),
@@ -687,6 +696,12 @@ impl Config {
             return Err(invalid(
                 "relay.batch_size",
                 format!("must be between 1 and {MAX_BATCH_SIZE}"),
+            ));
+        }
+        if !(1024..=1024 * 1024 * 1024).contains(&relay.max_batch_bytes) {
+            return Err(invalid(
+                "relay.max_batch_bytes",
+                "must be between 1024 (1 KiB) and 1073741824 (1 GiB)".to_owned(),
             ));
         }
         check_duration(
@@ -1071,7 +1086,7 @@ mod tests {
     fn minimal_config_gets_documented_defaults() {
         let config = parse(MINIMAL).expect("valid");
         assert_eq!(config.database.table, "outbox");
-        assert_eq!(config.relay.batch_size, 1000);
+        assert_eq!(config.relay.batch_size, 2000);
         assert_eq!(config.relay.poll_interval, Duration::from_secs(1));
         assert!(config.relay.listen);
         assert_eq!(config.retry.max_attempts, 10);

@@ -356,8 +356,23 @@ async fn relay_idle_in_transaction(outbox: &Outbox, longer_than: &str) -> bool {
 }
 
 /// Rows of the test's table under a live lease, and whether a relay session of this table is
-/// inside a transaction (a claim).
+/// inside a transaction (a claim). Waits first for the statements a just-stopped relay had
+/// already sent (a mark that ends a lease runs on in the server after SIGSTOP).
 async fn lease_state(outbox: &Outbox) -> (i64, bool) {
+    wait_until(
+        WAIT,
+        "relay statements sent before the stop finished",
+        || async {
+            !outbox
+                .scalar::<bool>(
+                    "select exists(select 1 from pg_stat_activity
+                               where application_name = 'outbox-relay' and state = 'active'
+                                 and query like '%{table}%')",
+                )
+                .await
+        },
+    )
+    .await;
     (
         outbox.leased().await,
         relay_idle_in_transaction(outbox, "0").await,
@@ -379,7 +394,7 @@ async fn a_paused_instance_is_taken_over_and_fenced_when_it_wakes() {
     // WHEN A is paused (SIGSTOP) while it holds leased rows, outside a claim transaction
     let stopped_with = loop {
         wait_until(WAIT, "A holding leases", || async {
-            lease_state(&outbox).await.0 > 0
+            outbox.leased().await > 0
         })
         .await;
         a.signal(Signal::SIGSTOP);

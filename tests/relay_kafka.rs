@@ -303,3 +303,51 @@ async fn shutdown_timeout_releases_unacknowledged_rows_and_exits_1() {
     assert_eq!(outbox.leased().await, 0);
     assert!(relay.logs().contains("released=3"), "{}", relay.logs());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_events_are_claimed_in_batches_bounded_by_bytes_without_waiting_for_the_poll() {
+    // GIVEN a 4 KiB batch bound, no LISTEN and a poll of a minute, and 12 events of ~1.5 KB
+    // of one aggregate committed before the relay starts
+    let mut outbox = Outbox::for_broker(Broker::Kafka).await;
+    outbox.relay.insert("max_batch_bytes", "4096".to_owned());
+    outbox.relay.insert("listen", "false".to_owned());
+    outbox.relay.insert("poll_interval", "\"60s\"".to_owned());
+    let mut reader = outbox.reader("order", 1).await;
+    outbox
+        .exec(
+            "insert into {table} (aggregate_type, aggregate_id, event_type, payload)
+             select 'order', 'big', 'happened', jsonb_build_object('seq', g, 'data', repeat('x', 1500))
+             from generate_series(0, 11) g",
+        )
+        .await;
+
+    // WHEN the relay runs
+    let relay = outbox.start();
+
+    // THEN all 12 arrive in order, well before the next poll: a batch cut short by the bound
+    // is followed by the next claim at once
+    let received = reader.read_at_least(12, Duration::from_secs(20)).await;
+    assert_eq!(
+        received.iter().map(|m| m.seq()).collect::<Vec<_>>(),
+        (0..12).collect::<Vec<_>>()
+    );
+    outbox.wait_all_published(Duration::from_secs(20)).await;
+    // AND no batch held more than 3 of them (3 × ~1.5 KB reach the bound; the 4th starts the
+    // next batch)
+    let logs = relay.logs();
+    let sizes: Vec<usize> = logs
+        .lines()
+        .filter(|l| l.contains("batch settled"))
+        .filter_map(|l| {
+            l.split("rows=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(!sizes.is_empty(), "{logs}");
+    assert!(sizes.iter().all(|n| *n <= 3), "batch sizes {sizes:?}");
+    assert_eq!(sizes.iter().sum::<usize>(), 12, "batch sizes {sizes:?}");
+}

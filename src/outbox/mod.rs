@@ -129,6 +129,9 @@ pub(crate) struct Lease {
 pub(crate) struct Batch {
     pub(crate) rows: Vec<OutboxRow>,
     pub(crate) lease: Lease,
+    /// The claim returned as many rows as it asked for (some perhaps cut by
+    /// `relay.max_batch_bytes`): more rows may be due now.
+    pub(crate) full: bool,
 }
 
 #[cfg(test)]

@@ -130,6 +130,8 @@ pub(crate) struct Store {
     lock_name: String,
     /// Whether a dead-lettered row holds back its aggregate (`retry.on_dead_letter = park`).
     park_dead: bool,
+    /// `relay.max_batch_bytes`.
+    max_batch_bytes: i64,
     /// Name of the retention advisory lock (one deleting instance per table).
     retention_lock: String,
     claim: SqlStr,
@@ -182,35 +184,48 @@ impl Store {
         table: &Table,
         park_dead: bool,
         commit_order_guard: bool,
+        max_batch_bytes: u64,
     ) -> Self {
         let t = table.quoted();
         let leases = table.companion("leases");
         // Reads the batch: no row is written or locked (claims are serialised by the advisory
         // lock, and the lease row written next keeps other claims off its aggregates).
+        // `$4` bounds the batch's payload bytes: rows past it (in `id` order) come back with
+        // only their id and are not claimed, so their payloads are neither converted nor sent.
         let claim = format!(
-            "select o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
-                    o.payload::text as payload, o.headers::text as headers, o.created_at,
-                    o.attempts + 1 as attempts,
-                    -- the two attempts before this one left no outcome
-                    o.attempts >= 2 and o.last_error is null as abandoned
-             from {t} o
-             where o.published_at is null and o.dead_lettered_at is null
-               and (o.next_attempt_at is null or o.next_attempt_at <= now())
-               -- the commit-order horizon (module docs); null when the guard is off
-               and o.id <= coalesce($3, o.id)
-               -- skip aggregates with a waiting row: backing off (a hashed subplan over the
-               -- small waiting index, migration 0002), parked behind a dead letter
-               -- (retry.on_dead_letter = park, migration 0003), or in a lease
-               and o.aggregate_id not in (
-                   select w.aggregate_id from {t} w
-                   where w.published_at is null and w.next_attempt_at > now()
-                   union all
-                   select d.aggregate_id from {t} d
-                   where $2 and d.published_at is null and d.dead_lettered_at is not null
-                   union all
-                   select unnest(l.aggregates) from {leases} l)
-             order by o.id
-             limit $1"
+            "select c.id, c.event_id, c.aggregate_type, c.aggregate_id, c.event_type,
+                    case when c.kept then c.payload::text end as payload,
+                    case when c.kept then c.headers::text end as headers,
+                    c.created_at, c.attempts, c.abandoned
+             from (
+                 select o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
+                        o.payload, o.headers, o.created_at,
+                        o.attempts + 1 as attempts,
+                        -- the two attempts before this one left no outcome
+                        o.attempts >= 2 and o.last_error is null as abandoned,
+                        -- the first row is always kept, however large
+                        sum(pg_column_size(o.payload)) over (order by o.id)
+                            - pg_column_size(o.payload) < $4 as kept
+                 from {t} o
+                 where o.published_at is null and o.dead_lettered_at is null
+                   and (o.next_attempt_at is null or o.next_attempt_at <= now())
+                   -- the commit-order horizon (module docs); null when the guard is off
+                   and o.id <= coalesce($3, o.id)
+                   -- skip aggregates with a waiting row: backing off (a hashed subplan over
+                   -- the small waiting index, migration 0002), parked behind a dead letter
+                   -- (retry.on_dead_letter = park, migration 0003), or in a lease
+                   and o.aggregate_id not in (
+                       select w.aggregate_id from {t} w
+                       where w.published_at is null and w.next_attempt_at > now()
+                       union all
+                       select d.aggregate_id from {t} d
+                       where $2 and d.published_at is null and d.dead_lettered_at is not null
+                       union all
+                       select unnest(l.aggregates) from {leases} l)
+                 order by o.id
+                 limit $1
+             ) c
+             order by c.id"
         );
         // The batch's lease, in the claim's transaction. Ids and distinct aggregates come from
         // the relay: building them in SQL (a materialised CTE of the rows, a sort for the
@@ -320,6 +335,7 @@ impl Store {
             pool,
             lock_name: format!("outbox-relay:claim:{table}"),
             park_dead,
+            max_batch_bytes: i64::try_from(max_batch_bytes).unwrap_or(i64::MAX),
             retention_lock: format!("outbox-relay:retention:{table}"),
             claim: sql(claim),
             lease: sql(lease),
@@ -409,9 +425,13 @@ impl Store {
             .bind(i64::from(limit))
             .bind(self.park_dead)
             .bind(horizon)
+            .bind(self.max_batch_bytes)
             .fetch_all(&mut *tx)
             .await
             .map_err(StoreError::new("claim"))?;
+        // As many rows as asked for: more may be due at once (also when the byte bound cut
+        // the batch short).
+        let full = rows.len() == limit as usize;
         if rows.is_empty() {
             tx.commit().await.map_err(StoreError::new("claim"))?;
             return Ok(Claimed {
@@ -421,7 +441,7 @@ impl Store {
         }
         let rows = rows
             .iter()
-            .map(decode_row)
+            .map_while(|row| decode_row(row).transpose())
             .collect::<Result<Vec<_>, _>>()
             .map_err(StoreError::new("claim"))?;
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
@@ -444,6 +464,7 @@ impl Store {
             batch: Some(Batch {
                 rows,
                 lease: Lease { id, until },
+                full,
             }),
             held_back,
         })
@@ -673,17 +694,21 @@ pub(crate) struct Failure {
     pub(crate) dead: bool,
 }
 
-fn decode_row(row: &PgRow) -> Result<OutboxRow, sqlx::Error> {
-    Ok(OutboxRow {
+/// A claimed row; `None` for a row past the batch's byte bound (no payload was sent).
+fn decode_row(row: &PgRow) -> Result<Option<OutboxRow>, sqlx::Error> {
+    let Some(payload) = row.try_get::<Option<String>, _>("payload")? else {
+        return Ok(None);
+    };
+    Ok(Some(OutboxRow {
         id: row.try_get("id")?,
         event_id: row.try_get("event_id")?,
         aggregate_type: row.try_get("aggregate_type")?,
         aggregate_id: row.try_get("aggregate_id")?,
         event_type: row.try_get("event_type")?,
-        payload: row.try_get("payload")?,
+        payload,
         headers: row.try_get("headers")?,
         created_at: row.try_get("created_at")?,
         attempts: row.try_get("attempts")?,
         abandoned: row.try_get("abandoned")?,
-    })
+    }))
 }

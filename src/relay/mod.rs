@@ -205,6 +205,7 @@ impl Relay {
                 &table,
                 config.retry.on_dead_letter == OnDeadLetter::Park,
                 config.relay.commit_order_guard,
+                config.relay.max_batch_bytes,
             ),
             listen_pool,
             table,
@@ -359,7 +360,7 @@ impl Relay {
                     Done::Claimed(Ok(Claimed { batch: Some(batch), held_back })) => {
                         claiming = false;
                         self.database_ok();
-                        want_claim = batch.rows.len() == self.batch_size as usize;
+                        want_claim = batch.full;
                         recheck_delay = HELD_BACK_RECHECK;
                         if held_back && !want_claim {
                             recheck_at = Some(Instant::now() + recheck_delay);
