@@ -234,6 +234,12 @@ async fn a_row_that_crashes_the_relay_is_dead_lettered_after_max_attempts_restar
         outbox.counts().await.0 == 60
     })
     .await;
+    // AND its batch-mates paid for the two crashes before it was singled out and for their
+    // own publish, not for the crash it caused alone (they had left its lease)
+    let mates: Vec<i32> = outbox
+        .scalar("select array_agg(distinct attempts) from {table} where aggregate_id <> 'poison'")
+        .await;
+    assert_eq!(mates, vec![3]);
     blocker.remove(&outbox).await;
     // All 62 were acknowledged in the first batch (the poison row's successor too, before it
     // was parked), so all 62 are in the topic.

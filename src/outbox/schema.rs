@@ -127,11 +127,10 @@ pub(crate) async fn migrate(
         .await?;
         done.push(*version);
     }
-    if !done.contains(&5) {
-        sqlx::raw_sql(AssertSqlSafe(render(LEASE_TABLE, table)))
-            .execute(&mut *tx)
-            .await?;
-    }
+    // `create table if not exists`: a no-op unless the lease table was dropped.
+    sqlx::raw_sql(AssertSqlSafe(render(LEASE_TABLE, table)))
+        .execute(&mut *tx)
+        .await?;
     // The NOTIFY trigger follows `database.notify_trigger` on every run: NOTIFY takes a
     // database-wide lock at commit, which busy writers may not want to pay for (see README).
     let trigger = format!("\"{}_relay_notify\"", table.name());

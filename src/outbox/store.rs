@@ -134,6 +134,7 @@ pub(crate) struct Store {
     max_batch_bytes: i64,
     /// Name of the retention advisory lock (one deleting instance per table).
     retention_lock: String,
+    lock: SqlStr,
     claim: SqlStr,
     lease: SqlStr,
     mark: SqlStr,
@@ -234,6 +235,12 @@ impl Store {
             "insert into {leases} (claimed_at, until, ids, aggregates)
              values (now(), clock_timestamp() + $1 * interval '1 millisecond', $2, $3)
              returning id, until"
+        );
+        // The claim lock, and whether a lease has expired: reaping is a statement of its own,
+        // needed only then (claims skip the aggregates of every lease row, expired or not).
+        let lock = format!(
+            "select exists (select 1 from {leases} where until <= now())
+             from (select pg_advisory_xact_lock(hashtextextended($1, 0))) as claim_lock"
         );
         // Leases that outlived their expiry: their instance died or stalled. Each of their rows
         // still without an outcome (not published, not dead, no retry time set since the claim)
@@ -337,6 +344,7 @@ impl Store {
             park_dead,
             max_batch_bytes: i64::try_from(max_batch_bytes).unwrap_or(i64::MAX),
             retention_lock: format!("outbox-relay:retention:{table}"),
+            lock: sql(lock),
             claim: sql(claim),
             lease: sql(lease),
             mark: sql(mark),
@@ -408,15 +416,17 @@ impl Store {
     ) -> Result<Claimed, StoreError> {
         let err = StoreError::new("claim");
         let mut tx = self.pool.begin().await.map_err(err)?;
-        sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
+        let expired: bool = sqlx::query_scalar(self.lock.clone())
             .bind(&self.lock_name)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await
             .map_err(StoreError::new("claim"))?;
-        sqlx::query(self.reap.clone())
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::new("claim"))?;
+        if expired {
+            sqlx::query(self.reap.clone())
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::new("claim"))?;
+        }
         let (horizon, held_back) = self
             .horizon(&mut tx)
             .await
