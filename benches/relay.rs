@@ -4,7 +4,8 @@
 //! Every figure is measured in this run, on this machine, with PostgreSQL, the broker and the
 //! relay (the release binary, as a child process) sharing its cores. Options:
 //! `--rows N` (default 200000), `--aggregates N` (5000), `--payload BYTES` (1000),
-//! `--batch N` (2000, the relay default), `--only floors,drain,scale,notify,latency` (default: all).
+//! `--batch N` (2000, the relay default), `--only floors,drain,scale,notify,latency` (default: all),
+//! `--sinks discard,kafka,rabbitmq` (the drain's sinks; default: all).
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -19,6 +20,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Row};
@@ -37,6 +39,8 @@ struct Args {
     /// Published rows kept in the table for the `retained` part.
     retained: i64,
     only: Vec<String>,
+    /// Sinks the drain runs (default: all three).
+    sinks: Vec<String>,
 }
 
 impl Args {
@@ -48,6 +52,7 @@ impl Args {
             batch: 2_000,
             retained: 10_000_000,
             only: vec![],
+            sinks: vec![],
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -59,6 +64,7 @@ impl Args {
                 "--batch" => args.batch = value().parse().expect("--batch N"),
                 "--retained" => args.retained = value().parse().expect("--retained N"),
                 "--only" => args.only = value().split(',').map(str::to_owned).collect(),
+                "--sinks" => args.sinks = value().split(',').map(str::to_owned).collect(),
                 "--bench" => {}
                 other => panic!("unknown option {other}"),
             }
@@ -106,6 +112,9 @@ async fn run(args: Args) {
             ("kafka", Some(floors.kafka)),
             ("rabbitmq", Some(floors.rabbitmq)),
         ] {
+            if !args.sinks.is_empty() && !args.sinks.iter().any(|s| s == sink) {
+                continue;
+            }
             let drained = drain(&pool, &args, sink, 1).await;
             let floor = broker_floor.map_or(floors.database, |b: f64| b.min(floors.database));
             println!(
@@ -372,7 +381,17 @@ async fn floor_kafka(args: &Args) -> f64 {
         let mut futures = Vec::with_capacity(n as usize);
         for i in 0..n {
             let key = &keys[((sent + i) % args.aggregates) as usize];
-            let record = FutureRecord::to("bench.floor").key(key).payload(&payload);
+            let mut headers = OwnedHeaders::new();
+            for (name, value) in event_headers(key) {
+                headers = headers.insert(Header {
+                    key: name,
+                    value: Some(value.as_bytes()),
+                });
+            }
+            let record = FutureRecord::to("bench.floor")
+                .key(key)
+                .payload(&payload)
+                .headers(headers);
             futures.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
         }
         for result in join_all(futures).await {
@@ -383,7 +402,7 @@ async fn floor_kafka(args: &Args) -> f64 {
     let seconds = started.elapsed().as_secs_f64();
     let rate = sent as f64 / seconds;
     println!(
-        "| (b) kafka | rdkafka produce, acks=all, idempotent | {sent} | {seconds:.2} | {rate:.0} |"
+        "| (b) kafka | rdkafka produce, acks=all, idempotent, the relay's key and headers | {sent} | {seconds:.2} | {rate:.0} |"
     );
     rate
 }
@@ -435,8 +454,41 @@ async fn rabbit_queue() -> (Connection, lapin::Channel) {
     (connection, channel)
 }
 
-/// (b) RabbitMQ alone: the same messages, persistent and mandatory, on a confirm channel with
-/// a window of one batch.
+/// The headers the relay puts on every message (`publisher::headers`): the event's identity.
+fn event_headers(aggregate_id: &str) -> [(&'static str, String); 4] {
+    [
+        ("event_id", uuid::Uuid::new_v4().to_string()),
+        ("event_type", "happened".to_owned()),
+        ("aggregate_type", "bench".to_owned()),
+        ("aggregate_id", aggregate_id.to_owned()),
+    ]
+}
+
+/// The AMQP properties the relay sets (`publisher::rabbitmq::properties`).
+fn amqp_properties(aggregate_id: &str) -> BasicProperties {
+    let headers = event_headers(aggregate_id);
+    let message_id = headers[0].1.clone();
+    let mut table = FieldTable::default();
+    for (name, value) in headers {
+        table.insert(name.into(), AMQPValue::LongString(value.into()));
+    }
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(message_id.into())
+        .with_type("happened".into())
+        .with_timestamp(
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+        )
+        .with_headers(table)
+}
+
+/// (b) RabbitMQ alone: the same messages (the relay's properties and headers), persistent and
+/// mandatory, on a confirm channel with a window of one batch; like the relay, a batch's
+/// publishes are queued on the connection before their writes and confirms are awaited.
 async fn floor_rabbitmq(args: &Args) -> f64 {
     let (_connection, channel) = rabbit_queue().await;
     channel
@@ -451,22 +503,27 @@ async fn floor_rabbitmq(args: &Args) -> f64 {
     let mut sent = 0i64;
     while sent < args.rows {
         let n = (args.rows - sent).min(i64::from(args.batch));
+        let mut writes = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let key = ((sent + i) % args.aggregates).to_string();
+            let mut write = Box::pin(futures::future::maybe_done(channel.basic_publish(
+                "bench".into(),
+                "bench.happened".into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                payload.as_bytes(),
+                amqp_properties(&key),
+            )));
+            // Queue the frames now, in order; await the write below.
+            let _ = futures::poll!(write.as_mut());
+            writes.push(write);
+        }
         let mut confirms = Vec::with_capacity(n as usize);
-        for _ in 0..n {
-            let confirm = channel
-                .basic_publish(
-                    "bench".into(),
-                    "bench.happened".into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    payload.as_bytes(),
-                    BasicProperties::default().with_delivery_mode(2),
-                )
-                .await
-                .unwrap();
-            confirms.push(confirm);
+        for mut write in writes {
+            write.as_mut().await;
+            confirms.push(write.as_mut().take_output().unwrap().unwrap());
         }
         for confirm in confirms {
             assert!(confirm.await.unwrap().is_ack());
@@ -476,7 +533,7 @@ async fn floor_rabbitmq(args: &Args) -> f64 {
     let seconds = started.elapsed().as_secs_f64();
     let rate = sent as f64 / seconds;
     println!(
-        "| (b) rabbitmq | lapin publish, persistent + mandatory, confirm window {} | {sent} | {seconds:.2} | {rate:.0} |",
+        "| (b) rabbitmq | lapin publish, persistent + mandatory, the relay's properties, confirm window {} | {sent} | {seconds:.2} | {rate:.0} |",
         args.batch
     );
     channel
@@ -659,6 +716,7 @@ async fn notify_cost(pool: &PgPool, trigger: bool) {
         batch: 1000,
         retained: 0,
         only: vec![],
+        sinks: vec![],
     };
     let table = fresh_table(pool, &args, &format!("bench_notify_{trigger}"), 0).await;
     if !trigger {
@@ -725,6 +783,7 @@ async fn latency(pool: &PgPool, rate: u32, listen: bool) {
         batch: 1000,
         retained: 0,
         only: vec![],
+        sinks: vec![],
     };
     let table = fresh_table(pool, &args, &format!("bench_latency_{rate}_{listen}"), 0).await;
     let poll = Duration::from_millis(250);
