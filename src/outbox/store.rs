@@ -39,6 +39,7 @@
 //! default, sequence cache 1), not fetched earlier by the application.
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -132,6 +133,10 @@ pub(crate) struct Store {
     park_dead: bool,
     /// `relay.max_batch_bytes`.
     max_batch_bytes: i64,
+    /// Most rows the next claim asks for while events are large: about what the last claim
+    /// cut by `max_batch_bytes` kept, so a claim does not read and convert many rows past the
+    /// bound only to leave them. Doubles back after a claim that was not cut.
+    row_budget: Arc<AtomicU32>,
     /// Name of the retention advisory lock (one deleting instance per table).
     retention_lock: String,
     lock: SqlStr,
@@ -195,18 +200,21 @@ impl Store {
         // only their id and are not claimed, so their payloads are neither converted nor sent.
         let claim = format!(
             "select c.id, c.event_id, c.aggregate_type, c.aggregate_id, c.event_type,
-                    case when c.kept then c.payload::text end as payload,
-                    case when c.kept then c.headers::text end as headers,
+                    case when c.kept then c.payload end as payload,
+                    case when c.kept then c.headers end as headers,
                     c.created_at, c.attempts, c.abandoned
              from (
+               -- the byte bound counts the JSON text sent, not the stored (possibly
+               -- compressed) size; the first row is always kept, however large
+               select r.*,
+                      sum(octet_length(r.payload)) over (order by r.id)
+                          - octet_length(r.payload) < $4 as kept
+               from (
                  select o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
-                        o.payload, o.headers, o.created_at,
+                        o.payload::text as payload, o.headers::text as headers, o.created_at,
                         o.attempts + 1 as attempts,
                         -- the two attempts before this one left no outcome
-                        o.attempts >= 2 and o.last_error is null as abandoned,
-                        -- the first row is always kept, however large
-                        sum(pg_column_size(o.payload)) over (order by o.id)
-                            - pg_column_size(o.payload) < $4 as kept
+                        o.attempts >= 2 and o.last_error is null as abandoned
                  from {t} o
                  where o.published_at is null and o.dead_lettered_at is null
                    and (o.next_attempt_at is null or o.next_attempt_at <= now())
@@ -225,6 +233,7 @@ impl Store {
                        select unnest(l.aggregates) from {leases} l)
                  order by o.id
                  limit $1
+               ) r
              ) c
              order by c.id"
         );
@@ -343,6 +352,7 @@ impl Store {
             lock_name: format!("outbox-relay:claim:{table}"),
             park_dead,
             max_batch_bytes: i64::try_from(max_batch_bytes).unwrap_or(i64::MAX),
+            row_budget: Arc::new(AtomicU32::new(u32::MAX)),
             retention_lock: format!("outbox-relay:retention:{table}"),
             lock: sql(lock),
             claim: sql(claim),
@@ -414,6 +424,7 @@ impl Store {
         limit: u32,
         lease_duration: Duration,
     ) -> Result<Claimed, StoreError> {
+        let limit = limit.min(self.row_budget.load(Ordering::Relaxed)).max(1);
         let err = StoreError::new("claim");
         let mut tx = self.pool.begin().await.map_err(err)?;
         let expired: bool = sqlx::query_scalar(self.lock.clone())
@@ -449,11 +460,21 @@ impl Store {
                 held_back,
             });
         }
+        let returned = rows.len();
         let rows = rows
             .iter()
             .map_while(|row| decode_row(row).transpose())
             .collect::<Result<Vec<_>, _>>()
             .map_err(StoreError::new("claim"))?;
+        let budget = if rows.len() < returned {
+            // cut by the byte bound: room for a quarter more rows of the same size
+            u32::try_from(rows.len() + rows.len() / 4 + 1).unwrap_or(u32::MAX)
+        } else if full {
+            limit.saturating_mul(2)
+        } else {
+            limit
+        };
+        self.row_budget.store(budget, Ordering::Relaxed);
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
         let aggregates: Vec<&str> = rows
             .iter()
