@@ -270,6 +270,9 @@ async fn fresh_table(pool: &PgPool, args: &Args, name: &str, rows: i64) -> Strin
             .execute(pool)
             .await
             .unwrap();
+        // Every measurement starts with the fill's dirty pages written: a checkpoint due
+        // to the fill would otherwise land on whichever run comes next.
+        sqlx::query("checkpoint").execute(pool).await.unwrap();
     }
     name.to_owned()
 }
