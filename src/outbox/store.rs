@@ -197,7 +197,8 @@ impl Store {
         // Reads the batch: no row is written or locked (claims are serialised by the advisory
         // lock, and the lease row written next keeps other claims off its aggregates).
         // `$4` bounds the batch's payload bytes: rows past it (in `id` order) come back with
-        // only their id and are not claimed, so their payloads are neither converted nor sent.
+        // only their id and are not claimed, so their payloads are not sent (they are
+        // converted, to be measured: `row_budget` keeps such rows few).
         let claim = format!(
             "select c.id, c.event_id, c.aggregate_type, c.aggregate_id, c.event_type,
                     case when c.kept then c.payload end as payload,
