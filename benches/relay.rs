@@ -280,7 +280,9 @@ async fn print_facts(pool: &PgPool, args: &Args) {
 }
 
 /// A fresh outbox table filled with `rows` events.
-async fn fresh_table(pool: &PgPool, args: &Args, name: &str, rows: i64) -> String {
+/// A new, migrated table of `rows` rows; `trigger` says whether `migrate` installs the NOTIFY
+/// trigger (`database.notify_trigger`).
+async fn fresh_table(pool: &PgPool, args: &Args, name: &str, rows: i64, trigger: bool) -> String {
     sqlx::query(AssertSqlSafe(format!("drop table if exists {name}")))
         .execute(pool)
         .await
@@ -290,7 +292,7 @@ async fn fresh_table(pool: &PgPool, args: &Args, name: &str, rows: i64) -> Strin
         .execute(pool)
         .await
         .ok();
-    let config = config_file(name, "discard", args.batch, true, Duration::from_secs(1));
+    let config = config_file(name, "discard", args.batch, trigger, Duration::from_secs(1));
     let out = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
         .args(["-c", config.to_str().unwrap(), "migrate"])
         .output()
@@ -334,6 +336,7 @@ fn config_file(
         r#"[database]
 url = "{SERVER}/{DATABASE}"
 table = "{table}"
+notify_trigger = {listen}
 [relay]
 batch_size = {batch}
 listen = {listen}
@@ -359,7 +362,7 @@ level = "warn"
 /// (a) The database work alone: read a batch of due rows in id order and mark it, in a loop,
 /// with the relay's session settings, and nothing else (no lease, no ordering checks).
 async fn floor_database(pool: &PgPool, args: &Args) -> f64 {
-    let table = fresh_table(pool, args, "bench_floor", args.rows).await;
+    let table = fresh_table(pool, args, "bench_floor", args.rows, true).await;
     let relay_pool = PgPoolOptions::new()
         .max_connections(1)
         .connect(&format!(
@@ -643,7 +646,14 @@ async fn pending(pool: &PgPool, table: &str) -> bool {
 }
 
 async fn drain(pool: &PgPool, args: &Args, sink: &str, instances: usize) -> Drained {
-    let table = fresh_table(pool, args, &format!("bench_{sink}_{instances}"), args.rows).await;
+    let table = fresh_table(
+        pool,
+        args,
+        &format!("bench_{sink}_{instances}"),
+        args.rows,
+        true,
+    )
+    .await;
     drain_table(pool, args, &table, sink, instances).await
 }
 
@@ -712,7 +722,7 @@ async fn retained(pool: &PgPool, args: &Args) {
     println!("|---:|---:|---:|");
     let empty = drain(pool, args, "discard", 1).await.rate;
     println!("| 0 | {empty:.0} | 1.00 |");
-    let table = fresh_table(pool, args, "bench_retained", 0).await;
+    let table = fresh_table(pool, args, "bench_retained", 0, true).await;
     let started = Instant::now();
     sqlx::query(AssertSqlSafe(format!(
         "insert into {table} (aggregate_type, aggregate_id, event_type, payload, published_at)
@@ -764,15 +774,7 @@ async fn notify_cost(pool: &PgPool, trigger: bool) {
         only: vec![],
         sinks: vec![],
     };
-    let table = fresh_table(pool, &args, &format!("bench_notify_{trigger}"), 0).await;
-    if !trigger {
-        sqlx::query(AssertSqlSafe(format!(
-            "drop trigger {table}_relay_notify on {table}"
-        )))
-        .execute(pool)
-        .await
-        .unwrap();
-    }
+    let table = fresh_table(pool, &args, &format!("bench_notify_{trigger}"), 0, trigger).await;
     let config = config_file(&table, "kafka", 1000, trigger, Duration::from_millis(250));
     let mut relay = spawn_relay(&config);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -832,17 +834,16 @@ async fn latency(pool: &PgPool, rate: u32, listen: bool) {
         only: vec![],
         sinks: vec![],
     };
-    let table = fresh_table(pool, &args, &format!("bench_latency_{rate}_{listen}"), 0).await;
-    if !listen {
-        // Polling only: the NOTIFY trigger is dropped, as `database.notify_trigger = false`
-        // does, so the application's commits do not pay for wake-ups nobody listens to.
-        sqlx::query(AssertSqlSafe(format!(
-            "drop trigger {table}_relay_notify on {table}"
-        )))
-        .execute(pool)
-        .await
-        .unwrap();
-    }
+    // Polling only: no NOTIFY trigger (`database.notify_trigger = false`), so the application's
+    // commits do not pay for wake-ups nobody listens to.
+    let table = fresh_table(
+        pool,
+        &args,
+        &format!("bench_latency_{rate}_{listen}"),
+        0,
+        listen,
+    )
+    .await;
     let poll = Duration::from_millis(250);
     let config = config_file(&table, "kafka", 1000, listen, poll);
     let mut relay = spawn_relay(&config);

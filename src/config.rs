@@ -155,9 +155,9 @@ pub struct RelayConfig {
     #[serde(default = "default_batch_size")]
     pub batch_size: u32,
     /// Most payload bytes in one batch (the JSON text sent, summed in `id` order, whatever
-    /// PostgreSQL compressed it to on disk); a batch always takes at least one row. Bounds the relay's memory for large
-    /// events: about `max_in_flight_batches` × this, plus the broker client's copies. Default
-    /// 8388608 (8 MiB).
+    /// PostgreSQL compressed it to on disk); a batch always takes at least one row. Bounds the
+    /// relay's memory for large events: about `max_in_flight_batches` × this, plus the broker
+    /// client's copies. Default 8388608 (8 MiB).
     #[serde(default = "default_max_batch_bytes")]
     pub max_batch_bytes: u64,
     /// Batches published at once; the next claim and the marking of earlier batches overlap
