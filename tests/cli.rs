@@ -160,7 +160,7 @@ async fn migrate_twice_is_a_no_op() {
             .fetch_one(&outbox.pool)
             .await
             .unwrap();
-    assert_eq!(versions, 5, "one row per migration");
+    assert_eq!(versions, 6, "one row per migration");
     // AND check is happy with the result
     let check = outbox.command(&["check"]).success();
     assert!(
@@ -171,6 +171,78 @@ async fn migrate_twice_is_a_no_op() {
         check.stdout.contains("notify trigger: installed"),
         "{check:?}"
     );
+}
+
+#[tokio::test]
+async fn event_ids_default_to_time_ordered_uuidv7_unless_the_table_has_its_own_default() {
+    // GIVEN a table created by migrate
+    let outbox = Outbox::unmigrated().await;
+    outbox.migrate().success();
+    // WHEN rows are inserted without an event id, in two transactions a few milliseconds apart
+    outbox.insert("order", "o-1", 0..3).await;
+    outbox.exec("select pg_sleep(0.005)").await;
+    outbox.insert("order", "o-1", 3..4).await;
+    // THEN each id is a UUIDv7 (RFC 9562: version 7, variant 10) whose leading 48 bits are the
+    // insert's Unix time in milliseconds, so later rows sort after earlier ones
+    let versions: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "select substr(event_id::text, 15, 1) || substr(event_id::text, 20, 1) from {} order by id",
+        outbox.table
+    )))
+    .fetch_all(&outbox.pool)
+    .await
+    .unwrap();
+    assert_eq!(versions.len(), 4);
+    for v in &versions {
+        assert!(
+            v.starts_with('7') && "89ab".contains(&v[1..]),
+            "{versions:?}"
+        );
+    }
+    let skew_ms: f64 = outbox
+        .scalar(
+            "select max(abs(('x' || lpad(replace(substr(event_id::text, 1, 13), '-', ''), 16, '0'))::bit(64)::bigint
+                            - extract(epoch from created_at) * 1000))::float8 from {table}",
+        )
+        .await;
+    assert!(skew_ms < 1_000.0, "timestamp part off by {skew_ms} ms");
+    let ordered: bool = outbox
+        .scalar(
+            "select bool_and(last.event_id > o.event_id)
+             from {table} o, (select id, event_id from {table} order by id desc limit 1) last
+             where o.id < last.id",
+        )
+        .await;
+    assert!(
+        ordered,
+        "the later transaction's id sorts after the earlier ones"
+    );
+
+    // GIVEN a table the application created with its own event id default
+    let adopted = Outbox::unmigrated().await;
+    adopted
+        .exec(
+            "create table {table} (
+                id bigint generated always as identity primary key,
+                event_id uuid not null unique default gen_random_uuid(),
+                aggregate_type text not null, aggregate_id text not null, event_type text not null,
+                payload jsonb not null, headers jsonb not null default '{}',
+                created_at timestamptz not null default now(), published_at timestamptz,
+                attempts integer not null default 0, next_attempt_at timestamptz,
+                last_error text, dead_lettered_at timestamptz);
+             alter table {table} alter column event_id
+                 set default md5(random()::text)::uuid",
+        )
+        .await;
+    // WHEN migrate adopts it, THEN its default is left alone
+    adopted.migrate().success();
+    let default: String = adopted
+        .scalar(
+            "select pg_get_expr(d.adbin, d.adrelid) from pg_attrdef d
+             join pg_attribute a on a.attrelid = d.adrelid and a.attnum = d.adnum
+             where d.adrelid = '{table}'::regclass and a.attname = 'event_id'",
+        )
+        .await;
+    assert!(default.starts_with("(md5("), "{default}");
 }
 
 #[tokio::test]

@@ -32,6 +32,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../migrations/0004_published_index.sql"),
     ),
     (5, "leases", LEASE_TABLE),
+    (
+        6,
+        "event_id_uuidv7",
+        include_str!("../../migrations/0006_event_id_uuidv7.sql"),
+    ),
 ];
 
 /// Migration 0005. The lease table holds only the relay's own state, so `migrate` also creates
@@ -54,6 +59,7 @@ fn render(sql: &str, table: &Table) -> String {
         .replace("{{lease_table}}", &table.companion("leases"))
         .replace("{{notify_trigger}}", &bare("relay_notify"))
         .replace("{{notify_function}}", &table.companion("relay_notify"))
+        .replace("{{uuidv7_function}}", &table.companion("uuidv7"))
 }
 
 fn tracking_table(table: &Table) -> String {
