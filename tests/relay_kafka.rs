@@ -305,7 +305,8 @@ async fn shutdown_timeout_releases_unacknowledged_rows_and_exits_1() {
 }
 
 /// Claims 12 events of one aggregate, each `chars` characters of JSON text, under a byte bound
-/// that 3 of them reach, and checks every batch held at most 3 and nothing waited for a poll.
+/// that 3 of them reach, and checks every batch held at most 3, nothing waited for a poll, and
+/// claims after a cut one asked for few rows (the row budget).
 async fn batches_are_bounded_by_the_json_text_sent(chars: i32, bound: u64) {
     // GIVEN the bound, no LISTEN and a poll of a minute, and 12 events committed before the
     // relay starts
@@ -350,6 +351,25 @@ async fn batches_are_bounded_by_the_json_text_sent(chars: i32, bound: u64) {
     assert!(!sizes.is_empty(), "{logs}");
     assert!(sizes.iter().all(|n| *n <= 3), "batch sizes {sizes:?}");
     assert_eq!(sizes.iter().sum::<usize>(), 12, "batch sizes {sizes:?}");
+    // AND once a claim was cut by the bound, the next ones asked for about as many rows as it
+    // kept (3, plus a quarter, plus one), not for a whole batch_size of rows to read and leave
+    let asked: Vec<usize> = logs
+        .lines()
+        .filter(|l| l.contains("rows claimed"))
+        .filter_map(|l| {
+            l.split("asked=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(asked.len() >= 4, "claims {asked:?}");
+    assert!(
+        asked[1..].iter().all(|n| *n <= 4),
+        "claims asked for {asked:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -135,7 +135,7 @@ pub(crate) struct Store {
     max_batch_bytes: i64,
     /// Most rows the next claim asks for while events are large: about what the last claim
     /// cut by `max_batch_bytes` kept, so a claim does not read and convert many rows past the
-    /// bound only to leave them. Doubles back after a claim that was not cut.
+    /// bound only to leave them; doubles after each full claim ([`next_row_budget`]).
     row_budget: Arc<AtomicU32>,
     /// Name of the retention advisory lock (one deleting instance per table).
     retention_lock: String,
@@ -165,6 +165,19 @@ struct Guard {
     /// xids then writing). One is taken at every claim that sees writers, so the horizon trails
     /// the writers by about the length of one of their transactions, not by whole fence cycles.
     pending: std::collections::VecDeque<(i64, Vec<String>)>,
+}
+
+/// The most rows the claim after this one asks for (see `Store::row_budget`): when the byte
+/// bound cut this claim (`kept` of the `returned` rows), about as many as it kept, plus a
+/// quarter; after a full claim, twice this `limit`; otherwise `limit` again.
+fn next_row_budget(limit: u32, returned: usize, kept: usize) -> u32 {
+    if kept < returned {
+        u32::try_from(kept + kept / 4 + 1).unwrap_or(u32::MAX)
+    } else if returned == limit as usize {
+        limit.saturating_mul(2)
+    } else {
+        limit
+    }
 }
 
 /// Fences kept at once; more would only add precision under thousands of claims per second.
@@ -467,15 +480,11 @@ impl Store {
             .map_while(|row| decode_row(row).transpose())
             .collect::<Result<Vec<_>, _>>()
             .map_err(StoreError::new("claim"))?;
-        let budget = if rows.len() < returned {
-            // cut by the byte bound: room for a quarter more rows of the same size
-            u32::try_from(rows.len() + rows.len() / 4 + 1).unwrap_or(u32::MAX)
-        } else if full {
-            limit.saturating_mul(2)
-        } else {
-            limit
-        };
-        self.row_budget.store(budget, Ordering::Relaxed);
+        tracing::debug!(asked = limit, returned, kept = rows.len(), "rows claimed");
+        self.row_budget.store(
+            next_row_budget(limit, returned, rows.len()),
+            Ordering::Relaxed,
+        );
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
         let aggregates: Vec<&str> = rows
             .iter()
