@@ -304,6 +304,22 @@ async fn shutdown_timeout_releases_unacknowledged_rows_and_exits_1() {
     assert!(relay.logs().contains("released=3"), "{}", relay.logs());
 }
 
+/// The values of the numeric field `field` on the relay's log lines with `message`, in order.
+fn logged_numbers(logs: &str, message: &str, field: &str) -> Vec<usize> {
+    let key = format!("{field}=");
+    logs.lines()
+        .filter(|l| l.contains(message))
+        .filter_map(|l| {
+            l.split(&key)
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
 /// Claims 12 events of one aggregate, each `chars` characters of JSON text, under a byte bound
 /// that 3 of them reach, and checks every batch held at most 3, nothing waited for a poll, and
 /// claims after a cut one asked for few rows (the row budget).
@@ -336,35 +352,13 @@ async fn batches_are_bounded_by_the_json_text_sent(chars: i32, bound: u64) {
     outbox.wait_all_published(Duration::from_secs(20)).await;
     // AND no batch held more than 3 of them (3 reach the bound; the 4th starts the next batch)
     let logs = relay.logs();
-    let sizes: Vec<usize> = logs
-        .lines()
-        .filter(|l| l.contains("batch settled"))
-        .filter_map(|l| {
-            l.split("rows=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect();
+    let sizes = logged_numbers(&logs, "batch settled", "rows");
     assert!(!sizes.is_empty(), "{logs}");
     assert!(sizes.iter().all(|n| *n <= 3), "batch sizes {sizes:?}");
     assert_eq!(sizes.iter().sum::<usize>(), 12, "batch sizes {sizes:?}");
     // AND once a claim was cut by the bound, the next ones asked for about as many rows as it
     // kept (3, plus a quarter, plus one), not for a whole batch_size of rows to read and leave
-    let asked: Vec<usize> = logs
-        .lines()
-        .filter(|l| l.contains("rows claimed"))
-        .filter_map(|l| {
-            l.split("asked=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect();
+    let asked = logged_numbers(&logs, "rows claimed", "asked");
     assert!(asked.len() >= 4, "claims {asked:?}");
     assert!(
         asked[1..].iter().all(|n| *n <= 4),
