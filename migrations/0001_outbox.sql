@@ -18,7 +18,7 @@ create table if not exists {{table}} (
     -- columns the relay owns
     published_at     timestamptz,               -- set only after the broker acknowledged
     attempts         integer not null default 0,
-    next_attempt_at  timestamptz,               -- lease expiry while claimed, retry time after a failure
+    next_attempt_at  timestamptz,               -- when a failed row may be tried again (leases: migration 0005)
     last_error       text,
     dead_lettered_at timestamptz                -- set when retry.max_attempts is exhausted
 );

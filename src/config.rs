@@ -6,6 +6,7 @@
 //! step.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -266,7 +267,7 @@ pub enum SinkKind {
 }
 
 /// `[sink.kafka]`
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
@@ -291,6 +292,19 @@ pub struct KafkaConfig {
     /// `sasl_ssl`.
     #[serde(default)]
     pub allow_insecure_transport: bool,
+}
+
+impl fmt::Debug for KafkaConfig {
+    // Properties may hold secrets (`sasl.password`, `ssl.key.password`, ...): only their names.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("properties", &self.properties.keys().collect::<Vec<_>>())
+            .field("allow_unsafe", &self.allow_unsafe)
+            .field("allow_insecure_transport", &self.allow_insecure_transport)
+            .finish()
+    }
 }
 
 /// `[sink.rabbitmq]`
@@ -531,6 +545,8 @@ const KAFKA_FORBIDDEN: &[&str] = &[
     "ssl.engine.id",
     "sasl.kerberos.kinit.cmd",
     "sasl.oauthbearer.token.endpoint.url",
+    // loads OpenSSL provider modules (shared objects)
+    "ssl.providers",
 ];
 
 /// Passthrough allow-list: exact names and `prefix.*` families of producer, network, TLS and
@@ -766,7 +782,7 @@ impl Config {
                 let rabbit = self.sink.rabbitmq.as_ref().ok_or_else(|| {
                     invalid("sink.rabbitmq", "is required when sink.kind = \"rabbitmq\"")
                 })?;
-                rabbit.validate()?;
+                rabbit.validate(relay.lease_duration)?;
             }
         }
 
@@ -881,6 +897,13 @@ impl KafkaConfig {
                 )
             })?;
         let timeout = self.message_timeout();
+        // 0 is librdkafka's "no limit": a delivery could outlive any lease.
+        if timeout.is_zero() {
+            return Err(invalid(
+                "sink.kafka.properties.message.timeout.ms",
+                "must be above 0 (0 means no delivery timeout, which no lease can cover)",
+            ));
+        }
         if timeout * 2 > lease {
             return Err(invalid(
                 "relay.lease_duration",
@@ -947,7 +970,7 @@ fn flat_properties<'de, D: serde::Deserializer<'de>>(
 pub(crate) const KAFKA_DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl RabbitMqConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self, lease: Duration) -> Result<(), ConfigError> {
         let url = self
             .url
             .as_ref()
@@ -998,7 +1021,19 @@ impl RabbitMqConfig {
             "sink.rabbitmq.confirm_timeout",
             self.confirm_timeout,
             Duration::from_millis(10),
-        )
+        )?;
+        // Opening a session, and then a batch's writes and confirms, may each take up to
+        // confirm_timeout: the lease must outlast both, or a slow broker means duplicates.
+        if self.confirm_timeout * 2 > lease {
+            return Err(invalid(
+                "relay.lease_duration",
+                format!(
+                    "must be at least twice sink.rabbitmq.confirm_timeout ({})",
+                    humantime::format_duration(self.confirm_timeout)
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 

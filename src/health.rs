@@ -1,13 +1,18 @@
 //! The optional HTTP listener (`[http] listen`): `/healthz`, `/readyz` and `/metrics`.
 //!
-//! - `/healthz`: 200 while the process serves requests (liveness).
+//! - `/healthz`: liveness. 200 unless the relay loop is wedged: a claim or a batch has been
+//!   outstanding for longer than anything the relay does may take ([`Health::wedged_after`]:
+//!   `relay.lease_duration` + `database.statement_timeout` + 35 s). Broker and database outages
+//!   never fail it: restarting the process would not end them.
 //! - `/readyz`: 200 when the database answered the last claim, the broker is not in an outage,
-//!   and the relay loop made progress recently; 503 with the reason otherwise.
+//!   and the relay loop made progress recently; 503 with the reason otherwise. It describes the
+//!   relay's dependencies, for alerting and dashboards; a sidecar must not be wired to its pod's
+//!   readiness with it (README, "Operating it").
 //! - `/metrics`: Prometheus text format; the metric names are in [`crate::telemetry::metric`].
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -29,17 +34,62 @@ pub struct Health {
     last_progress_ms: AtomicU64,
     /// Readiness fails when no claim completed for this long.
     stall_after: Duration,
+    /// Milliseconds since `started` at which the oldest claim or batch still outstanding began;
+    /// `u64::MAX` when none is.
+    oldest_work_ms: AtomicU64,
+    /// Liveness fails when a claim or batch has been outstanding for this long.
+    wedged_after: Duration,
+    /// Why the broker is unavailable (the first error of the outage), for `/readyz`.
+    broker_error: Mutex<Option<String>>,
 }
 
 impl Health {
-    pub(crate) fn new(poll_interval: Duration) -> Self {
+    /// `wedged_after`: see [`Health::wedged_after`].
+    pub(crate) fn new(poll_interval: Duration, wedged_after: Duration) -> Self {
         Self {
             started: Instant::now(),
             database_ok: AtomicBool::new(false),
             broker_ok: AtomicBool::new(true),
             last_progress_ms: AtomicU64::new(0),
             stall_after: (poll_interval * 3).max(Duration::from_secs(30)),
+            oldest_work_ms: AtomicU64::new(u64::MAX),
+            wedged_after,
+            broker_error: Mutex::new(None),
         }
+    }
+
+    /// How long a claim or batch may be outstanding before the process counts as wedged: a
+    /// batch may spend up to its lease publishing and retrying its settlement, and each
+    /// database statement is bounded client-side by `statement_timeout` + 5 s; 30 s more for
+    /// scheduling. Nothing the relay does legitimately takes longer.
+    pub(crate) fn wedged_after(lease_duration: Duration, statement_timeout: Duration) -> Duration {
+        lease_duration + statement_timeout + Duration::from_secs(35)
+    }
+
+    /// Records when the oldest claim or batch still outstanding began (`None`: nothing is).
+    pub(crate) fn oldest_work(&self, since: Option<Instant>) {
+        let ms = since.map_or(u64::MAX, |t| {
+            t.saturating_duration_since(self.started).as_millis() as u64
+        });
+        self.oldest_work_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// `Ok` while the relay loop is not wedged, otherwise why.
+    pub(crate) fn liveness(&self) -> Result<(), String> {
+        let oldest = self.oldest_work_ms.load(Ordering::Relaxed);
+        if oldest == u64::MAX {
+            return Ok(());
+        }
+        let now = self.started.elapsed().as_millis() as u64;
+        let outstanding = Duration::from_millis(now.saturating_sub(oldest));
+        if outstanding > self.wedged_after {
+            return Err(format!(
+                "relay loop wedged: work outstanding for {} s (bound {} s)",
+                outstanding.as_secs(),
+                self.wedged_after.as_secs()
+            ));
+        }
+        Ok(())
     }
 
     pub(crate) fn database(&self, ok: bool) {
@@ -50,22 +100,34 @@ impl Health {
         }
     }
 
-    pub(crate) fn broker(&self, ok: bool) {
-        self.broker_ok.store(ok, Ordering::Relaxed);
+    /// The broker is back (`None`), or unavailable with this error.
+    pub(crate) fn broker(&self, error: Option<&str>) {
+        self.broker_ok.store(error.is_none(), Ordering::Relaxed);
+        let mut current = self.broker_error.lock().expect("health lock poisoned");
+        match error {
+            None => *current = None,
+            Some(error) => {
+                current.get_or_insert_with(|| error.to_owned());
+            }
+        }
     }
 
     /// `Ok` when ready, otherwise the reason.
-    pub(crate) fn readiness(&self) -> Result<(), &'static str> {
+    pub(crate) fn readiness(&self) -> Result<(), String> {
         if !self.database_ok.load(Ordering::Relaxed) {
-            return Err("database unavailable");
+            return Err("database unavailable".to_owned());
         }
         if !self.broker_ok.load(Ordering::Relaxed) {
-            return Err("broker unavailable");
+            let error = self.broker_error.lock().expect("health lock poisoned");
+            return Err(match error.as_deref() {
+                Some(error) => format!("broker unavailable: {error}"),
+                None => "broker unavailable".to_owned(),
+            });
         }
-        let idle = self.started.elapsed().as_millis() as u64
-            - self.last_progress_ms.load(Ordering::Relaxed);
+        let idle = (self.started.elapsed().as_millis() as u64)
+            .saturating_sub(self.last_progress_ms.load(Ordering::Relaxed));
         if Duration::from_millis(idle) > self.stall_after {
-            return Err("relay loop stalled");
+            return Err("relay loop stalled".to_owned());
         }
         Ok(())
     }
@@ -88,7 +150,7 @@ pub(crate) async fn serve(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(listen = %listener.local_addr()?, "http listener started (/healthz, /readyz, /metrics)");
     let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
         .with_state(AppState { health, metrics });
@@ -97,6 +159,13 @@ pub(crate) async fn serve(
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
     })
+}
+
+async fn healthz(State(state): State<AppState>) -> (StatusCode, String) {
+    match state.health.liveness() {
+        Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+    }
 }
 
 async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
@@ -112,4 +181,36 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
 async fn render_metrics(State(state): State<AppState>) -> String {
     state.metrics.run_upkeep();
     state.metrics.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn liveness_fails_only_when_work_is_outstanding_past_the_bound() {
+        let mut health = Health::new(Duration::from_secs(1), Duration::from_millis(50));
+        // as if the process had started a second ago
+        health.started = Instant::now().checked_sub(Duration::from_secs(1)).unwrap();
+        assert!(health.liveness().is_ok(), "nothing outstanding");
+        health.oldest_work(Some(Instant::now()));
+        assert!(health.liveness().is_ok(), "within the bound");
+        health.oldest_work(Instant::now().checked_sub(Duration::from_millis(200)));
+        let reason = health.liveness().unwrap_err();
+        assert!(reason.contains("wedged"), "{reason}");
+        health.oldest_work(None);
+        assert!(health.liveness().is_ok(), "the work ended");
+    }
+
+    #[test]
+    fn readiness_names_the_broker_error_of_the_outage() {
+        let health = Health::new(Duration::from_secs(1), Duration::from_secs(60));
+        health.database(true);
+        health.broker(Some("ACCESS_REFUSED - Login was refused"));
+        health.broker(Some("a later error"));
+        let reason = health.readiness().unwrap_err();
+        assert!(reason.contains("ACCESS_REFUSED"), "{reason}");
+        health.broker(None);
+        assert!(health.readiness().is_ok());
+    }
 }

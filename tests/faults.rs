@@ -125,6 +125,9 @@ fn short_leases(outbox: &mut Outbox) {
     outbox
         .kafka_properties
         .insert("message.timeout.ms", "\"1500\"".to_owned());
+    outbox
+        .rabbitmq
+        .insert("confirm_timeout", "\"1500ms\"".to_owned());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -170,6 +173,19 @@ async fn a_crash_between_ack_and_mark_duplicates_only_the_batches_in_flight() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_row_that_crashes_the_relay_is_dead_lettered_after_max_attempts_restarts() {
+    crash_loop(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_broker_outage_a_row_that_crashes_the_relay_still_pays_alone() {
+    crash_loop(true).await;
+}
+
+/// A row that kills the relay every time it is published, with 60 batch-mates; with
+/// `after_an_outage`, every row first went through a broker outage (which leaves its message in
+/// `last_error`: until migration 0007 that defeated the crash-suspect isolation, and all 62
+/// rows were dead-lettered).
+async fn crash_loop(after_an_outage: bool) {
     // GIVEN max_attempts = 3, a "poison" row whose processing kills the relay every time
     // (its mark blocks, then the relay is killed), its aggregate's next row, and 60 others
     let mut outbox = Outbox::for_broker(Broker::Kafka).await;
@@ -185,6 +201,28 @@ async fn a_row_that_crashes_the_relay_is_dead_lettered_after_max_attempts_restar
         )
         .await;
     outbox.insert("order", "a-2", 0..30).await;
+    if after_an_outage {
+        // (AND a broker outage first: the relay gives every row back with the outage's
+        // message in last_error, charging nothing)
+        let brokers = outbox.kafka.get("brokers").cloned();
+        outbox.unreachable_broker();
+        let mut relay = outbox.start();
+        wait_until(WAIT, "every row given back after the outage", || async {
+            let noted: i64 = outbox
+                .scalar(
+                    "select count(*) from {table} where last_error is not null and attempts = 0",
+                )
+                .await;
+            noted == 62
+        })
+        .await;
+        relay.signal(Signal::SIGTERM);
+        relay.wait_exit(Duration::from_secs(15)).await;
+        match brokers {
+            Some(brokers) => outbox.kafka.insert("brokers", brokers),
+            None => outbox.kafka.remove("brokers"),
+        };
+    }
     let blocker = MarkBlocker::install(&outbox, "new.payload ? 'poison'").await;
 
     // WHEN the relay is restarted after every crash
@@ -244,7 +282,12 @@ async fn a_row_that_crashes_the_relay_is_dead_lettered_after_max_attempts_restar
     // All 62 were acknowledged in the first batch (the poison row's successor too, before it
     // was parked), so all 62 are in the topic.
     let received = drain(&mut reader, 62).await;
-    let verdict = Verdict::judge("row that crashes the relay", &outbox, &received)
+    let scenario = if after_an_outage {
+        "row that crashes the relay, after a broker outage"
+    } else {
+        "row that crashes the relay"
+    };
+    let verdict = Verdict::judge(scenario, &outbox, &received)
         .await
         .recovered_in(recovery);
     assert_eq!(verdict.dead_lettered, 1, "{verdict:#?}");
@@ -579,6 +622,101 @@ async fn rabbitmq_nacks_from_a_full_queue_are_retried_until_it_drains() {
     .assert_holds(0);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_queue_holds_back_only_its_own_rows() {
+    // GIVEN two queues on the exchange: `audit.#` holds 5 messages and rejects more
+    // (x-overflow = reject-publish) and nobody drains it; `order.#` is ordinary. 30 audit
+    // events (one per aggregate) are interleaved with 400 order events of 20 aggregates
+    let mut outbox = Outbox::for_broker(Broker::RabbitMq).await;
+    outbox.relay.insert("batch_size", "50".to_owned());
+    let mut arguments = lapin::types::FieldTable::default();
+    arguments.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(5));
+    arguments.insert(
+        "x-overflow".into(),
+        lapin::types::AMQPValue::LongString("reject-publish".into()),
+    );
+    let full =
+        crate::support::rabbit::bind_queue_with(&outbox.exchange(), "audit.#", arguments).await;
+    let mut orders = outbox.reader("order", 1).await;
+    for round in 0..10 {
+        for a in 0..3 {
+            outbox
+                .insert("audit", &format!("audit-{round}-{a}"), 0..1)
+                .await;
+        }
+        for a in 0..20 {
+            outbox
+                .insert("order", &format!("o-{a}"), round * 2..round * 2 + 2)
+                .await;
+        }
+    }
+
+    // WHEN the relay runs
+    let started = Instant::now();
+    let _relay = outbox.start();
+
+    // THEN the broker nacks the audit rows past the fifth (the fault), which back off without
+    // using attempts, while every order row is published
+    wait_until(WAIT, "an audit row backing off after a nack", || async {
+        let deferred: i64 = outbox
+            .scalar("select count(*) from {table} where aggregate_type = 'audit' and deferrals > 0 and last_error like '%nacked%'")
+            .await;
+        deferred > 0
+    })
+    .await;
+    wait_until(WAIT, "all 400 order rows published", || async {
+        let published: i64 = outbox
+            .scalar("select count(*) from {table} where aggregate_type = 'order' and published_at is not null")
+            .await;
+        published == 400
+    })
+    .await;
+    let others_done = started.elapsed();
+    let (charged, dead): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select count(*) filter (where attempts > 0 and published_at is null),
+                count(*) filter (where dead_lettered_at is not null)
+         from {} where aggregate_type = 'audit'",
+        outbox.table
+    )))
+    .fetch_one(&outbox.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (charged, dead),
+        (0, 0),
+        "a full queue costs its rows no attempt"
+    );
+    assert_eq!(
+        outbox
+            .scalar::<i64>("select count(*) from {table} where aggregate_type = 'audit' and published_at is not null")
+            .await,
+        5,
+        "the full queue took 5"
+    );
+
+    // AND once a consumer drains the full queue, its rows follow
+    let drained = Instant::now();
+    let mut audits = crate::support::Reader::RabbitMq(Box::new(
+        crate::support::rabbit::QueueReader::new(&full).await,
+    ));
+    outbox.wait_all_published(WAIT).await;
+    let recovery = drained.elapsed();
+    let mut received = drain(&mut orders, 400).await;
+    received.extend(drain(&mut audits, 30).await);
+    eprintln!(
+        "order rows all published {} ms after start while the audit queue was full",
+        others_done.as_millis()
+    );
+    Verdict::judge(
+        "one full queue (reject-publish) beside an ordinary one",
+        &outbox,
+        &received,
+    )
+    .await
+    .recovered_in(recovery)
+    .assert_holds(0);
+}
+
 type Mock = rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
 
 /// A librdkafka mock cluster (one broker, in this process) with the test's topic, and an
@@ -805,7 +943,8 @@ async fn a_fatal_producer_error_is_survived_with_a_new_producer() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_instance_paused_inside_a_claim_does_not_hold_the_others_back() {
     // GIVEN 2 000 events, and instance A whose claim waits on the table's claim lock (the test
-    // holds it for a moment)
+    // holds it for a moment, keyed on the table's OID; A spells the table `public.<table>`,
+    // so the lock is the table's, whatever its spelling)
     let mut outbox = Outbox::for_broker(Broker::Kafka).await;
     short_leases(&mut outbox);
     let mut reader = outbox.reader("order", 3).await;
@@ -814,12 +953,14 @@ async fn an_instance_paused_inside_a_claim_does_not_hold_the_others_back() {
         .await
         .unwrap();
     let holder_pid: i32 = sqlx::query_scalar(
-        "select pg_backend_pid() from (select pg_advisory_lock(hashtextextended($1, 0))) l",
+        "select pg_backend_pid() from (select pg_advisory_lock(
+             hashtextextended('outbox-relay:claim:' || $1::regclass::oid::text, 0))) l",
     )
-    .bind(format!("outbox-relay:claim:{}", outbox.table))
+    .bind(&outbox.table)
     .fetch_one(&mut holder)
     .await
     .unwrap();
+    outbox.table = format!("public.{}", outbox.table);
     let a = outbox.start();
     let blocked = || async {
         sqlx::query_scalar::<_, i32>(

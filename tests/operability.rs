@@ -201,9 +201,10 @@ async fn the_relay_runs_with_only_the_documented_grants() {
              grant usage on schema public to {role};
              grant select (id, event_id, aggregate_type, aggregate_id, event_type, payload, headers,
                            created_at, published_at, attempts, next_attempt_at, last_error,
-                           dead_lettered_at)
+                           dead_lettered_at, unsettled_attempts, deferrals)
                  on {{table}} to {role};
-             grant update (published_at, attempts, next_attempt_at, last_error, dead_lettered_at)
+             grant update (published_at, attempts, next_attempt_at, last_error, dead_lettered_at,
+                           unsettled_attempts, deferrals)
                  on {{table}} to {role};
              grant delete on {{table}} to {role};
              grant select, insert, update, delete on {{leases}} to {role};",

@@ -56,6 +56,12 @@ async fn a_broker_outage_does_not_use_up_attempts() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn hostile_rows_end_published_or_dead_lettered_while_the_others_flow() {
+    scenarios::hostile_rows_end_published_or_dead_lettered_while_the_others_flow(Broker::Kafka)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn rejected_rows_are_retried_with_backoff_then_dead_lettered_while_others_flow() {
     // GIVEN a producer limit of 20 000 bytes per message, 5 attempts, and in the outbox:
     // an oversized event and a successor of the same aggregate, an event whose topic is
@@ -376,4 +382,84 @@ async fn large_events_are_claimed_in_batches_bounded_by_bytes_without_waiting_fo
 async fn the_byte_bound_counts_the_json_sent_not_the_compressed_size_stored() {
     // ~20 KB each, which PostgreSQL compresses to a few hundred bytes; bound 50 000 bytes
     batches_are_bounded_by_the_json_text_sent(20_000, 50_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nulls_in_an_adopted_table_are_dead_lettered_with_their_reason_while_others_flow() {
+    // GIVEN a table the application created without the NOT NULL constraints `migrate` sets,
+    // holding rows with a NULL payload, aggregate id, event type or event id between ordinary
+    // ones
+    let mut outbox = Outbox::unmigrated().await;
+    outbox.set_broker(Broker::Kafka).await;
+    outbox.retry.insert("max_attempts", "2".to_owned());
+    outbox
+        .retry
+        .insert("initial_backoff", "\"50ms\"".to_owned());
+    outbox
+        .exec(
+            "create table {table} (
+                id bigserial primary key, event_id uuid unique default gen_random_uuid(),
+                aggregate_type text, aggregate_id text, event_type text, payload jsonb,
+                headers jsonb, created_at timestamptz default now(), published_at timestamptz,
+                attempts integer not null default 0, next_attempt_at timestamptz,
+                last_error text, dead_lettered_at timestamptz,
+                unsettled_attempts integer not null default 0,
+                deferrals integer not null default 0);",
+        )
+        .await;
+    outbox.exec(crate::support::LEASE_TABLE_SQL).await;
+    let mut reader = outbox.reader("order", 1).await;
+    outbox.insert("order", "o-1", 0..3).await;
+    outbox
+        .exec(
+            "insert into {table} (aggregate_type, aggregate_id, event_type, payload, headers, event_id)
+             values ('order', 'null-payload', 'e', null, '{}', gen_random_uuid()),
+                    ('order', null, 'e', '{}', '{}', gen_random_uuid()),
+                    ('order', 'null-type', null, '{}', '{}', gen_random_uuid()),
+                    ('order', 'null-event-id', 'e', '{}', '{}', null),
+                    ('order', 'null-headers', 'e', '{\"seq\": 0}', null, gen_random_uuid())",
+        )
+        .await;
+    outbox.insert("order", "o-2", 0..3).await;
+
+    // WHEN `check` inspects it, THEN it names the columns that lack NOT NULL
+    let check = outbox.command(&["check"]);
+    assert!(
+        check.stdout.contains("columns without NOT NULL: event_id, aggregate_type, aggregate_id, event_type, payload, created_at"),
+        "{check:?}"
+    );
+
+    // WHEN the relay runs, THEN the ordinary rows (and the one with NULL headers, which means
+    // none) are published, and each row with a NULL the message needs is dead-lettered, naming
+    // the column
+    let _relay = outbox.start();
+    outbox.wait_all_settled(WAIT).await;
+    let dead: Vec<(Option<String>, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select aggregate_id, last_error from {} where dead_lettered_at is not null order by id",
+        outbox.table
+    )))
+    .fetch_all(&outbox.pool)
+    .await
+    .unwrap();
+    let reasons: Vec<(Option<&str>, bool)> = dead
+        .iter()
+        .map(|(aggregate, error)| (aggregate.as_deref(), error.contains("is NULL")))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            (Some("null-payload"), true),
+            (None, true),
+            (Some("null-type"), true),
+            (Some("null-event-id"), true)
+        ],
+        "{dead:?}"
+    );
+    assert!(dead[0].1.contains("column payload is NULL"), "{dead:?}");
+    let received = reader.read_distinct(7, WAIT).await;
+    let keys: Vec<&str> = received.iter().map(|m| m.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["o-1", "o-1", "o-1", "null-headers", "o-2", "o-2", "o-2"]
+    );
 }

@@ -340,3 +340,80 @@ async fn unroutable_dead_letters_are_copied_to_the_dead_letter_exchange() {
         "dead-lettered in the table"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_rows_end_published_or_dead_lettered_while_the_others_flow() {
+    scenarios::hostile_rows_end_published_or_dead_lettered_while_the_others_flow(Broker::RabbitMq)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_login_is_an_outage_that_costs_no_attempt() {
+    // GIVEN a broker user, a relay configured with a wrong password for it (a credential
+    // rotation gone wrong), and a backlog of 300 events
+    let mut outbox = Outbox::for_broker(Broker::RabbitMq).await;
+    let user = crate::support::unique("relay_user");
+    rabbit::rabbitmqctl(&["add_user", &user, "old-password"]);
+    rabbit::rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    outbox.rabbitmq.insert(
+        "url",
+        format!("\"amqp://{user}:new-password@127.0.0.1:5672/%2f\""),
+    );
+    outbox.retry.insert("max_attempts", "2".to_owned());
+    let addr = crate::support::free_address();
+    outbox.http = Some(addr);
+    let mut reader = outbox.reader("order", 1).await;
+    for a in 0..30 {
+        outbox.insert("order", &format!("o-{a}"), 0..10).await;
+    }
+
+    // WHEN the relay runs while the broker refuses its login
+    let mut relay = outbox.start();
+    // (the fault fired: the broker said ACCESS_REFUSED, readiness says why, and the relay has
+    // tried again several times)
+    relay
+        .wait_for_log("ACCESS_REFUSED", Duration::from_secs(30))
+        .await;
+    wait_until(WAIT, "/readyz names the refused login", || async {
+        crate::support::http_get(addr, "/readyz")
+            .await
+            .is_some_and(|(code, body)| code == 503 && body.contains("ACCESS_REFUSED"))
+    })
+    .await;
+    wait_until(WAIT, "three refused sessions", || async {
+        let Some((200, body)) = crate::support::http_get(addr, "/metrics").await else {
+            return false;
+        };
+        crate::support::metric_value(
+            &body,
+            "outbox_relay_publish_errors_total",
+            &[("class", "transient")],
+        )
+        .is_some_and(|n| n >= 3.0 * 300.0)
+    })
+    .await;
+
+    // THEN nothing was charged an attempt, dead-lettered or published, and the outage was
+    // logged once
+    let charged: i64 = outbox
+        .scalar("select count(*) from {table} where attempts > 0 or dead_lettered_at is not null or published_at is not null")
+        .await;
+    assert_eq!(charged, 0, "a refused login is not the rows' fault");
+    assert_eq!(
+        relay.logs().matches("broker unavailable").count(),
+        1,
+        "{}",
+        relay.logs()
+    );
+
+    // WHEN the password is put right on the broker
+    rabbit::rabbitmqctl(&["change_password", &user, "new-password"]);
+
+    // THEN the whole backlog is delivered, each event once
+    outbox.wait_all_published(WAIT).await;
+    let received = reader.read_distinct(300, WAIT).await;
+    assert_eq!(received.len(), 300, "each event once");
+    relay.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(relay.wait_exit(Duration::from_secs(15)).await.success());
+    rabbit::rabbitmqctl(&["delete_user", &user]);
+}

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use serde_json::json;
 
 use crate::support::{Broker, Outbox, wait_until};
 
@@ -189,14 +190,13 @@ pub async fn runs_against_a_table_the_application_created(broker: Broker) {
                 payload jsonb not null, headers jsonb not null default '{}',
                 created_at timestamptz not null default now(), published_at timestamptz,
                 attempts integer not null default 0, next_attempt_at timestamptz,
-                last_error text, dead_lettered_at timestamptz);
-             -- the lease table as the README gives it for teams running their own migrations
-             create table {leases} (
-                id bigint generated always as identity primary key,
-                claimed_at timestamptz not null, until timestamptz not null,
-                ids bigint[] not null, aggregates text[] not null);",
+                last_error text, dead_lettered_at timestamptz,
+                unsettled_attempts integer not null default 0,
+                deferrals integer not null default 0);",
         )
         .await;
+    // the lease table as the README gives it for teams running their own migrations
+    outbox.exec(crate::support::LEASE_TABLE_SQL).await;
     let mut reader = outbox.reader("invoice", 1).await;
     let _relay = outbox.start();
     outbox.insert("invoice", "inv-1", 0..3).await;
@@ -216,6 +216,10 @@ pub async fn sigkill_mid_drain_then_restart_loses_nothing(broker: Broker) {
     outbox
         .kafka_properties
         .insert("message.timeout.ms", "\"1000\"".to_owned());
+    // (the lease must outlast two confirm timeouts: connect, then confirms)
+    outbox
+        .rabbitmq
+        .insert("confirm_timeout", "\"1s\"".to_owned());
     let mut reader = outbox.reader("stock", 2).await;
     for aggregate in 0..50 {
         outbox
@@ -373,4 +377,210 @@ pub async fn two_instances_publish_each_event_once_in_order(broker: Broker) {
             "an instance published nothing"
         );
     }
+}
+
+/// How a hostile row must end on one broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ends {
+    Published,
+    DeadLettered,
+}
+
+pub async fn hostile_rows_end_published_or_dead_lettered_while_the_others_flow(broker: Broker) {
+    // GIVEN ordinary rows, and rows holding values the table's columns accept but a broker may
+    // not: lengths past AMQP's 255-byte short strings, control characters, any Unicode, every
+    // JSON shape, empty strings, large values, headers that are not an object, a destination
+    // that cannot exist. Two attempts, short back-off; the AMQP routing key leaves out the
+    // event type, so a long event type reaches the message's `type` property.
+    let mut outbox = Outbox::for_broker(broker).await;
+    outbox.retry.insert("max_attempts", "2".to_owned());
+    outbox
+        .retry
+        .insert("initial_backoff", "\"50ms\"".to_owned());
+    outbox
+        .rabbitmq
+        .insert("routing_key", "\"{aggregate_type}\"".to_owned());
+    let mut reader = outbox.reader("order", 1).await;
+    outbox.insert("order", "ok-1", 0..10).await;
+    let long = |c: &str, n: usize| c.repeat(n);
+    use Ends::{DeadLettered as Dead, Published as Pub};
+    // (aggregate_id, aggregate_type, event_type, payload, headers, Kafka, RabbitMQ)
+    let hostile: Vec<(
+        String,
+        &str,
+        String,
+        serde_json::Value,
+        serde_json::Value,
+        Ends,
+        Ends,
+    )> = vec![
+        (
+            "long-event-type".into(),
+            "order",
+            long("x", 300),
+            json!({}),
+            json!({}),
+            Pub,
+            Dead,
+        ),
+        (
+            "long-header-name".into(),
+            "order",
+            "e".into(),
+            json!({}),
+            json!({ long("h", 300): "v" }),
+            Pub,
+            Dead,
+        ),
+        (
+            "control-chars".into(),
+            "order",
+            "a\u{1}b\tc\u{1b}[31m".into(),
+            json!({"s": "\u{7}\u{1f}"}),
+            json!({"k\u{1}": "v\u{1b}"}),
+            Pub,
+            Pub,
+        ),
+        (
+            String::new(),
+            "order",
+            String::new(),
+            json!({}),
+            json!({"": ""}),
+            Pub,
+            Pub,
+        ),
+        (
+            "ключ-🚀".into(),
+            "order",
+            "créé".into(),
+            json!({"名前": "値"}),
+            json!({"emoji🚀": "値"}),
+            Pub,
+            Pub,
+        ),
+        (
+            "json-shapes".into(),
+            "order",
+            "e".into(),
+            json!([1, "two", null, {"a": []}]),
+            json!({"n": 1, "o": {"x": [1, 2]}, "z": null, "b": true}),
+            Pub,
+            Pub,
+        ),
+        (
+            "scalar-payload".into(),
+            "order",
+            "e".into(),
+            json!("just text"),
+            json!({}),
+            Pub,
+            Pub,
+        ),
+        (
+            "headers-not-an-object".into(),
+            "order",
+            "e".into(),
+            json!({}),
+            json!([1, 2]),
+            Dead,
+            Dead,
+        ),
+        (
+            "large".into(),
+            "order",
+            "e".into(),
+            json!({"blob": long("z", 512 * 1024)}),
+            json!({"v": long("y", 64 * 1024)}),
+            Pub,
+            Pub,
+        ),
+        (
+            "long-aggregate-id-".to_owned() + &long("k", 10_000),
+            "order",
+            "e".into(),
+            json!({}),
+            json!({}),
+            Pub,
+            Pub,
+        ),
+        (
+            "impossible-destination".into(),
+            "or der\u{1}",
+            "e".into(),
+            json!({}),
+            json!({}),
+            Dead,
+            Dead,
+        ),
+    ];
+    for (aggregate_id, aggregate_type, event_type, payload, headers, _, _) in &hostile {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "insert into {} (aggregate_type, aggregate_id, event_type, payload, headers)
+             values ($1, $2, $3, $4, $5)",
+            outbox.table
+        )))
+        .bind(aggregate_type)
+        .bind(aggregate_id)
+        .bind(event_type)
+        .bind(payload)
+        .bind(headers)
+        .execute(&outbox.pool)
+        .await
+        .unwrap();
+    }
+
+    // WHEN the relay runs
+    let mut relay = outbox.start();
+
+    // THEN every row ends published or dead-lettered with its reason, and nothing else
+    outbox.wait_all_settled(WAIT).await;
+    for (aggregate_id, _, _, _, _, kafka, rabbitmq) in &hostile {
+        let expected = match broker {
+            Broker::Kafka => *kafka,
+            Broker::RabbitMq => *rabbitmq,
+        };
+        let (published, dead, last_error): (bool, bool, Option<String>) =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "select published_at is not null, dead_lettered_at is not null, last_error
+                 from {} where aggregate_id = $1",
+                outbox.table
+            )))
+            .bind(aggregate_id)
+            .fetch_one(&outbox.pool)
+            .await
+            .unwrap();
+        let label: String = aggregate_id.chars().take(30).collect();
+        match expected {
+            Ends::Published => assert!(published, "{label:?} published"),
+            Ends::DeadLettered => {
+                assert!(dead, "{label:?} dead-lettered");
+                assert!(
+                    last_error.is_some_and(|e| !e.is_empty()),
+                    "{label:?} has its reason"
+                );
+            }
+        }
+    }
+    // AND the ordinary rows arrived in order, and so did the hostile ones that were published
+    let published: i64 = outbox
+        .scalar("select count(*) from {table} where published_at is not null")
+        .await;
+    let received = reader.read_distinct(published as usize, WAIT).await;
+    let ordinary: Vec<i64> = received
+        .iter()
+        .filter(|m| m.key == "ok-1")
+        .map(|m| m.seq())
+        .collect();
+    assert_eq!(ordinary, (0..10).collect::<Vec<_>>());
+    if broker == Broker::RabbitMq {
+        let dead_reason: String = outbox
+            .scalar("select last_error from {table} where aggregate_id = 'long-event-type'")
+            .await;
+        assert!(dead_reason.contains("AMQP short string"), "{dead_reason}");
+    }
+    // AND the relay never went down: it stops cleanly on SIGTERM
+    relay.signal(Signal::SIGTERM);
+    assert!(relay.wait_exit(Duration::from_secs(15)).await.success());
+    assert!(!relay.logs().contains("panicked"), "{}", relay.logs());
 }

@@ -23,7 +23,7 @@ async fn connects_to_postgres_over_tls_with_verify_full() {
     );
     let check = outbox.command(&["check"]);
     assert!(
-        check.stdout.contains("all 13 required columns present"),
+        check.stdout.contains("all 15 required columns present"),
         "{check:?}"
     );
 

@@ -13,9 +13,16 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+/// The longest suffix a companion object adds to the table's name (`_aggregate_pending_idx`).
+const LONGEST_SUFFIX: usize = "_aggregate_pending_idx".len();
+/// The longest table name whose companion names stay within PostgreSQL's 63 bytes: longer ones
+/// would be cut there, and two tables could then share an index or lease table name.
+const MAX_NAME: usize = 63 - LONGEST_SUFFIX;
+
 /// A validated outbox table name, optionally schema-qualified (`billing.outbox`).
 ///
-/// Parts must match `[a-z_][a-z0-9_]{0,62}`, so the quoted form can be put into SQL text safely.
+/// Parts must match `[a-z_][a-z0-9_]*` (so the quoted form can be put into SQL text safely),
+/// the schema at most 63 characters, the name at most [`MAX_NAME`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Table {
     schema: Option<String>,
@@ -25,21 +32,20 @@ pub struct Table {
 impl Table {
     /// Parses `name` or `schema.name`; the error is the constraint that was broken.
     pub fn parse(raw: &str) -> Result<Self, &'static str> {
-        const CONSTRAINT: &str =
-            "must be `name` or `schema.name`, each part matching [a-z_][a-z0-9_]{0,62}";
+        const CONSTRAINT: &str = "must be `name` or `schema.name`, each part matching [a-z_][a-z0-9_]*, the schema at most 63 and the name at most 41 characters (its companion objects add up to 22: `<name>_aggregate_pending_idx`, and PostgreSQL cuts names at 63 bytes)";
         let mut parts = raw.split('.');
         let (schema, name) = match (parts.next(), parts.next(), parts.next()) {
             (Some(name), None, None) => (None, name),
             (Some(schema), Some(name), None) => (Some(schema), name),
             _ => return Err(CONSTRAINT),
         };
-        let valid = |part: &str| {
+        let valid = |part: &str, max: usize| {
             let mut chars = part.chars();
             matches!(chars.next(), Some('a'..='z' | '_'))
                 && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
-                && part.len() <= 63
+                && part.len() <= max
         };
-        if !valid(name) || !schema.is_none_or(valid) {
+        if !valid(name, MAX_NAME) || !schema.is_none_or(|s| valid(s, 63)) {
             return Err(CONSTRAINT);
         }
         Ok(Self {
@@ -104,10 +110,16 @@ pub struct OutboxRow {
     pub headers: String,
     /// When the application wrote the row.
     pub created_at: DateTime<Utc>,
+    /// Columns the message needs that are NULL in this row (empty for any table `migrate`
+    /// created, whose columns are NOT NULL): such a row fails permanently without being sent.
+    pub null_columns: Vec<&'static str>,
     /// Delivery attempts, this one included (earlier ones that failed, or ended with no
     /// outcome recorded, plus this one).
     pub attempts: i32,
-    /// At least two earlier attempts ended with no outcome recorded (the relay crashed, was
+    /// Consecutive times this row's destination was in trouble (it backed off without using an
+    /// attempt); sets the length of the next such back-off.
+    pub deferrals: i32,
+    /// The two attempts before this one ended with no outcome recorded (the relay crashed, was
     /// killed or lost its lease while publishing, twice): the row is suspected of crashing the
     /// relay and is published on its own. One crash is common (a deploy, an OOM kill) and costs
     /// nothing extra; a crash loop is narrowed down to the row that causes it.
@@ -139,6 +151,25 @@ mod tests {
     use super::Table;
 
     #[test]
+    fn companion_names_of_the_longest_table_name_fit_postgresql() {
+        let longest = "t".repeat(super::MAX_NAME);
+        let table = Table::parse(&longest).unwrap();
+        for suffix in [
+            "pending_idx",
+            "aggregate_pending_idx",
+            "waiting_idx",
+            "dead_idx",
+            "published_idx",
+            "leases",
+            "relay_notify",
+            "uuidv7",
+        ] {
+            let name = table.companion(suffix);
+            assert!(name.trim_matches('"').len() <= 63, "{name}");
+        }
+    }
+
+    #[test]
     fn table_names_are_validated_and_quoted() {
         assert_eq!(Table::parse("outbox").unwrap().quoted(), "\"outbox\"");
         assert_eq!(
@@ -161,6 +192,7 @@ mod tests {
             "a.",
             ".a",
             "x\"y",
+            &"t".repeat(42),
         ] {
             assert!(Table::parse(bad).is_err(), "{bad:?} must be refused");
         }

@@ -37,6 +37,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "event_id_uuidv7",
         include_str!("../../migrations/0006_event_id_uuidv7.sql"),
     ),
+    (
+        7,
+        "row_state",
+        include_str!("../../migrations/0007_row_state.sql"),
+    ),
 ];
 
 /// Migration 0005. The lease table holds only the relay's own state, so `migrate` also creates
@@ -163,60 +168,85 @@ pub(crate) async fn migrate(
 struct Required {
     name: &'static str,
     types: &'static [&'static str],
+    /// The relay relies on the column never being NULL (`check` warns otherwise).
+    not_null: bool,
 }
 
 const REQUIRED: &[Required] = &[
     Required {
         name: "id",
         types: &["bigint"],
+        not_null: true,
     },
     Required {
         name: "event_id",
         types: &["uuid"],
+        not_null: true,
     },
     Required {
         name: "aggregate_type",
         types: &["text", "character varying"],
+        not_null: true,
     },
     Required {
         name: "aggregate_id",
         types: &["text", "character varying"],
+        not_null: true,
     },
     Required {
         name: "event_type",
         types: &["text", "character varying"],
+        not_null: true,
     },
     Required {
         name: "payload",
         types: &["jsonb", "json"],
+        not_null: true,
     },
     Required {
         name: "headers",
         types: &["jsonb", "json"],
+        not_null: false,
     },
     Required {
         name: "created_at",
         types: &["timestamp with time zone"],
+        not_null: true,
     },
     Required {
         name: "published_at",
         types: &["timestamp with time zone"],
+        not_null: false,
     },
     Required {
         name: "attempts",
         types: &["integer"],
+        not_null: true,
     },
     Required {
         name: "next_attempt_at",
         types: &["timestamp with time zone"],
+        not_null: false,
     },
     Required {
         name: "last_error",
         types: &["text", "character varying"],
+        not_null: false,
     },
     Required {
         name: "dead_lettered_at",
         types: &["timestamp with time zone"],
+        not_null: false,
+    },
+    Required {
+        name: "unsettled_attempts",
+        types: &["integer"],
+        not_null: true,
+    },
+    Required {
+        name: "deferrals",
+        types: &["integer"],
+        not_null: true,
     },
 ];
 
@@ -229,6 +259,9 @@ pub(crate) struct Inspection {
     pub(crate) missing: Vec<&'static str>,
     /// Required columns present with an unusable type: (column, found type).
     pub(crate) wrong_type: Vec<(&'static str, String)>,
+    /// Required columns without the NOT NULL constraint the relay relies on: a row with a NULL
+    /// there fails (and is dead-lettered) instead of being published.
+    pub(crate) nullable: Vec<&'static str>,
     /// Columns beyond the required ones (the application's own).
     pub(crate) extra: Vec<String>,
     /// Whether the NOTIFY trigger of `migrate` is installed.
@@ -267,6 +300,13 @@ impl fmt::Display for Inspection {
                     self.lease_table
                 )?;
             }
+        }
+        if !self.nullable.is_empty() {
+            write!(
+                f,
+                "; WARNING: columns without NOT NULL: {} (a row with a NULL there is dead-lettered, not published; add the constraints)",
+                self.nullable.join(", ")
+            )?;
         }
         if !self.extra.is_empty() {
             write!(f, "; extra columns: {}", self.extra.join(", "))?;
@@ -311,15 +351,15 @@ pub(crate) async fn inspect(
     let relname: String = found.try_get(1)?;
     let oid: i64 = found.try_get(2)?;
     let columns = sqlx::query(
-        "select attname::text, format_type(atttypid, atttypmod) from pg_attribute
+        "select attname::text, format_type(atttypid, atttypmod), attnotnull from pg_attribute
          where attrelid = $1::bigint::oid and attnum > 0 and not attisdropped order by attnum",
     )
     .bind(oid)
     .fetch_all(&mut *conn)
     .await?;
-    let columns: Vec<(String, String)> = columns
+    let columns: Vec<(String, String, bool)> = columns
         .iter()
-        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
         .collect::<Result<_, sqlx::Error>>()?;
     let has_notify_trigger: bool = sqlx::query_scalar(
         "select exists (select 1 from pg_trigger where tgrelid = $1::bigint::oid and tgname = $2)",
@@ -341,22 +381,27 @@ pub(crate) async fn inspect(
         resolved: format!("{schema}.{relname}"),
         missing: Vec::new(),
         wrong_type: Vec::new(),
+        nullable: Vec::new(),
         extra: Vec::new(),
         has_notify_trigger,
     };
     for required in REQUIRED {
-        match columns.iter().find(|(name, _)| name == required.name) {
+        match columns.iter().find(|(name, _, _)| name == required.name) {
             None => inspection.missing.push(required.name),
-            Some((_, ty)) if !required.types.contains(&ty.as_str()) => {
+            Some((_, ty, _)) if !required.types.contains(&ty.as_str()) => {
                 inspection.wrong_type.push((required.name, ty.clone()));
             }
-            Some(_) => {}
+            Some((_, _, not_null)) => {
+                if required.not_null && !not_null {
+                    inspection.nullable.push(required.name);
+                }
+            }
         }
     }
     inspection.extra = columns
         .into_iter()
-        .filter(|(name, _)| !REQUIRED.iter().any(|r| r.name == name))
-        .map(|(name, _)| name)
+        .filter(|(name, _, _)| !REQUIRED.iter().any(|r| r.name == name))
+        .map(|(name, _, _)| name)
         .collect();
     Ok(inspection)
 }

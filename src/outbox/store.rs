@@ -58,22 +58,33 @@ pub(crate) const APPLICATION_NAME: &str = "outbox-relay";
 /// A database operation failed. All of them are retried by the relay after a pause; the
 /// SQLSTATE tells the operator what to do.
 #[derive(Debug, thiserror::Error)]
-#[error("database {op} failed")]
-pub(crate) struct StoreError {
-    /// Which statement failed (`claim`, `mark`, ...).
-    pub(crate) op: &'static str,
-    #[source]
-    pub(crate) source: sqlx::Error,
+pub(crate) enum StoreError {
+    /// The database (or the connection to it) answered with an error.
+    #[error("database {op} failed")]
+    Sql {
+        /// Which statement failed (`claim`, `mark`, ...).
+        op: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    /// No answer within the client-side bound (`database.statement_timeout` + 5 s): the
+    /// connection stopped answering (packets dropped, peer gone without a reset). The
+    /// operation was abandoned, and with it the connection.
+    #[error("database {op} got no answer within {}; the connection was abandoned", humantime::format_duration(*limit))]
+    NoAnswer { op: &'static str, limit: Duration },
 }
 
 impl StoreError {
     fn new(op: &'static str) -> impl FnOnce(sqlx::Error) -> Self {
-        move |source| Self { op, source }
+        move |source| Self::Sql { op, source }
     }
 
     /// An operator hint for errors that need a human, e.g. a missing table.
     pub(crate) fn hint(&self) -> Option<&'static str> {
-        let code = self.source.as_database_error()?.code()?;
+        let Self::Sql { source, .. } = self else {
+            return None;
+        };
+        let code = source.as_database_error()?.code()?;
         match code.as_ref() {
             "42P01" => Some(
                 "the outbox table or its lease table does not exist: run `outbox-relay migrate`",
@@ -127,6 +138,9 @@ pub(crate) fn pool(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
 #[derive(Debug, Clone)]
 pub(crate) struct Store {
     pool: PgPool,
+    /// Client-side bound on each operation (`database.statement_timeout` + 5 s): the server's
+    /// statement timeout cannot end a statement whose connection stopped answering.
+    client_timeout: Duration,
     /// Name of the claim advisory lock, hashed by PostgreSQL; one per table.
     lock_name: String,
     /// Whether a dead-lettered row holds back its aggregate (`retry.on_dead_letter = park`).
@@ -180,6 +194,10 @@ fn next_row_budget(limit: u32, returned: usize, kept: usize) -> u32 {
     }
 }
 
+/// What the client-side bound adds to `database.statement_timeout`: time for the server to
+/// report its own timeout, and for the network.
+const CLIENT_TIMEOUT_MARGIN: Duration = Duration::from_secs(5);
+
 /// Fences kept at once; more would only add precision under thousands of claims per second.
 const MAX_FENCES: usize = 64;
 
@@ -200,12 +218,15 @@ fn sql(text: String) -> SqlStr {
 impl Store {
     pub(crate) fn new(
         pool: PgPool,
+        statement_timeout: Duration,
         table: &Table,
         park_dead: bool,
         commit_order_guard: bool,
         max_batch_bytes: u64,
     ) -> Self {
         let t = table.quoted();
+        // The quoted name inside a string literal (validated names hold no quote; escaped anyway).
+        let t_literal = t.replace('\'', "''");
         let leases = table.companion("leases");
         // Reads the batch: no row is written or locked (claims are serialised by the advisory
         // lock, and the lease row written next keeps other claims off its aggregates).
@@ -213,7 +234,7 @@ impl Store {
         // only their id and are not claimed, so their payloads are not sent (they are
         // converted, to be measured: `row_budget` keeps such rows few).
         let claim = format!(
-            "select c.id, c.event_id, c.aggregate_type, c.aggregate_id, c.event_type,
+            "select c.id, c.kept, c.event_id, c.aggregate_type, c.aggregate_id, c.event_type, c.deferrals,
                     case when c.kept then c.payload end as payload,
                     case when c.kept then c.headers end as headers,
                     c.created_at, c.attempts, c.abandoned
@@ -221,14 +242,14 @@ impl Store {
                -- the byte bound counts the JSON text sent, not the stored (possibly
                -- compressed) size; the first row is always kept, however large
                select r.*,
-                      sum(octet_length(r.payload)) over (order by r.id)
-                          - octet_length(r.payload) < $4 as kept
+                      coalesce(sum(octet_length(r.payload)) over (order by r.id)
+                               - octet_length(r.payload), 0) < $4 as kept
                from (
                  select o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
                         o.payload::text as payload, o.headers::text as headers, o.created_at,
-                        o.attempts + 1 as attempts,
-                        -- the two attempts before this one left no outcome
-                        o.attempts >= 2 and o.last_error is null as abandoned
+                        o.attempts + 1 as attempts, o.deferrals,
+                        -- the two attempts before this one left no outcome (migration 0007)
+                        o.unsettled_attempts >= 2 as abandoned
                  from {t} o
                  where o.published_at is null and o.dead_lettered_at is null
                    and (o.next_attempt_at is null or o.next_attempt_at <= now())
@@ -237,11 +258,13 @@ impl Store {
                    -- skip aggregates with a waiting row: backing off (a hashed subplan over
                    -- the small waiting index, migration 0002), parked behind a dead letter
                    -- (retry.on_dead_letter = park, migration 0003), or in a lease
-                   and o.aggregate_id not in (
-                       select w.aggregate_id from {t} w
+                   -- (a NULL aggregate_id counts as '', so it neither hides every row from
+                   -- `not in` nor escapes it)
+                   and coalesce(o.aggregate_id, '') not in (
+                       select coalesce(w.aggregate_id, '') from {t} w
                        where w.published_at is null and w.next_attempt_at > now()
                        union all
-                       select d.aggregate_id from {t} d
+                       select coalesce(d.aggregate_id, '') from {t} d
                        where $2 and d.published_at is null and d.dead_lettered_at is not null
                        union all
                        select unnest(l.aggregates) from {leases} l)
@@ -261,9 +284,12 @@ impl Store {
         );
         // The claim lock, and whether a lease has expired: reaping is a statement of its own,
         // needed only then (claims skip the aggregates of every lease row, expired or not).
+        // Keyed on the table's identity (its OID), not on how the configuration spells it:
+        // instances configured as `outbox` and `public.outbox` exclude each other.
         let lock = format!(
             "select exists (select 1 from {leases} where until <= now())
-             from (select pg_advisory_xact_lock(hashtextextended($1, 0))) as claim_lock"
+             from (select pg_advisory_xact_lock(
+                       hashtextextended($1 || '{t_literal}'::regclass::oid::text, 0))) as claim_lock"
         );
         // Leases that outlived their expiry: their instance died or stalled. Each of their rows
         // still without an outcome (not published, not dead, no retry time set since the claim)
@@ -272,7 +298,8 @@ impl Store {
             "with expired as (
                  delete from {leases} where until <= now() returning ids, claimed_at
              )
-             update {t} o set attempts = o.attempts + 1
+             update {t} o set attempts = o.attempts + 1,
+                              unsettled_attempts = o.unsettled_attempts + 1
              from expired e, unnest(e.ids) as b(id)
              where o.id = b.id and o.published_at is null and o.dead_lettered_at is null
                and (o.next_attempt_at is null or o.next_attempt_at <= e.claimed_at)"
@@ -292,12 +319,15 @@ impl Store {
         let retry = format!(
             "with lease as (select id from {leases} where id = $5 for share)
              update {t} o
-             set attempts = o.attempts + 1,
+             set attempts = o.attempts + case when f.deferred then 0 else 1 end,
+                 deferrals = case when f.deferred then o.deferrals + 1 else 0 end,
+                 unsettled_attempts = 0,
                  last_error = f.error,
                  next_attempt_at = case when f.dead then null
                                         else clock_timestamp() + f.delay_ms * interval '1 millisecond' end,
                  dead_lettered_at = case when f.dead then now() end
-             from lease, unnest($1::bigint[], $2::text[], $3::bigint[], $4::bool[]) as f(id, error, delay_ms, dead)
+             from lease, unnest($1::bigint[], $2::text[], $3::bigint[], $4::bool[], $6::bool[])
+                  as f(id, error, delay_ms, dead, deferred)
              where o.id = f.id and o.published_at is null"
         );
         // Released rows leave the lease's ids, so reaping the lease (should the relay die
@@ -313,7 +343,7 @@ impl Store {
                  returning cardinality(old.ids) - cardinality(l.ids) as released
              ),
              noted as (
-                 update {t} o set last_error = $3
+                 update {t} o set last_error = $3, unsettled_attempts = 0
                  from lease, unnest($1::bigint[]) as b(id)
                  where $3::text is not null and o.id = b.id and o.published_at is null
              )
@@ -329,7 +359,8 @@ impl Store {
             "delete from {t} where id in (
                  select id from {t}
                  where published_at < now() - $1 * interval '1 millisecond'
-                   and pg_try_advisory_xact_lock(hashtextextended($3, 0))
+                   and pg_try_advisory_xact_lock(
+                           hashtextextended($3 || '{t_literal}'::regclass::oid::text, 0))
                  order by published_at limit $2)"
         );
         let delete_dead = format!(
@@ -337,7 +368,8 @@ impl Store {
                  select id from {t}
                  where published_at is null
                    and dead_lettered_at < now() - $1 * interval '1 millisecond'
-                   and pg_try_advisory_xact_lock(hashtextextended($3, 0))
+                   and pg_try_advisory_xact_lock(
+                           hashtextextended($3 || '{t_literal}'::regclass::oid::text, 0))
                  order by id limit $2)"
         );
         let pending = format!(
@@ -349,25 +381,33 @@ impl Store {
         // writers are still alive. Relay sessions never insert and are left out.
         let fence_probe = format!(
             "select (select max(id) from {t}) as high,
-                    array(select l.virtualtransaction from pg_locks l
-                          where l.locktype = 'relation' and l.relation = '{t}'::regclass
-                            and l.mode = 'RowExclusiveLock'
+                    array(select distinct l.virtualtransaction from pg_locks l
+                          where l.locktype = 'relation' and l.mode = 'RowExclusiveLock'
+                            -- the table, or any partition of it (an insert straight into a
+                            -- partition locks only the partition)
+                            and (l.relation = '{t_literal}'::regclass
+                                 or l.relation in (select p.relid
+                                                   from pg_partition_tree('{t_literal}'::regclass) p))
                             and l.pid is distinct from pg_backend_pid()
-                            and l.pid not in (select a.pid from pg_stat_activity a
-                                              where a.application_name = '{APPLICATION_NAME}'))
+                            -- a prepared transaction's locks have no pid: it is a writer
+                            and (l.pid is null
+                                 or l.pid not in (select a.pid from pg_stat_activity a
+                                                  where a.application_name = '{APPLICATION_NAME}')))
                         as writers,
-                    array(select v.virtualxid from pg_locks v
-                          where v.locktype = 'virtualxid' and v.virtualxid = any($1))
+                    -- a writer is alive while it holds any lock (a prepared transaction has no
+                    -- virtualxid lock of its own, but keeps its table locks until it ends)
+                    array(select distinct v.virtualtransaction from pg_locks v
+                          where v.virtualtransaction = any($1))
                         as alive",
-            t = t.replace('\'', "''")
-        );
+                    );
         Self {
             pool,
-            lock_name: format!("outbox-relay:claim:{table}"),
+            client_timeout: statement_timeout + CLIENT_TIMEOUT_MARGIN,
+            lock_name: "outbox-relay:claim:".to_owned(),
             park_dead,
             max_batch_bytes: i64::try_from(max_batch_bytes).unwrap_or(i64::MAX),
             row_budget: Arc::new(AtomicU32::new(u32::MAX)),
-            retention_lock: format!("outbox-relay:retention:{table}"),
+            retention_lock: "outbox-relay:retention:".to_owned(),
             lock: sql(lock),
             claim: sql(claim),
             lease: sql(lease),
@@ -382,6 +422,21 @@ impl Store {
             fence_probe: sql(fence_probe),
             guard: commit_order_guard.then(|| Arc::new(Mutex::new(Guard::default()))),
         }
+    }
+
+    /// Runs `work` within the client-side bound ([`Store::client_timeout`]). On expiry `work`
+    /// is dropped, and with it its connection (the pool replaces it).
+    async fn bounded<T>(
+        &self,
+        op: &'static str,
+        work: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.client_timeout, work)
+            .await
+            .unwrap_or(Err(StoreError::NoAnswer {
+                op,
+                limit: self.client_timeout,
+            }))
     }
 
     /// Advances the commit-order guard inside the claim transaction; returns the horizon and
@@ -438,77 +493,80 @@ impl Store {
         limit: u32,
         lease_duration: Duration,
     ) -> Result<Claimed, StoreError> {
-        let limit = limit.min(self.row_budget.load(Ordering::Relaxed)).max(1);
-        let err = StoreError::new("claim");
-        let mut tx = self.pool.begin().await.map_err(err)?;
-        let expired: bool = sqlx::query_scalar(self.lock.clone())
-            .bind(&self.lock_name)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(StoreError::new("claim"))?;
-        if expired {
-            sqlx::query(self.reap.clone())
-                .execute(&mut *tx)
+        self.bounded("claim", async {
+            let limit = limit.min(self.row_budget.load(Ordering::Relaxed)).max(1);
+            let err = StoreError::new("claim");
+            let mut tx = self.pool.begin().await.map_err(err)?;
+            let expired: bool = sqlx::query_scalar(self.lock.clone())
+                .bind(&self.lock_name)
+                .fetch_one(&mut *tx)
                 .await
                 .map_err(StoreError::new("claim"))?;
-        }
-        let (horizon, held_back) = self
-            .horizon(&mut tx)
-            .await
-            .map_err(StoreError::new("claim"))?;
-        let rows = sqlx::query(self.claim.clone())
-            .bind(i64::from(limit))
-            .bind(self.park_dead)
-            .bind(horizon)
-            .bind(self.max_batch_bytes)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(StoreError::new("claim"))?;
-        // As many rows as asked for: more may be due at once (also when the byte bound cut
-        // the batch short).
-        let full = rows.len() == limit as usize;
-        if rows.is_empty() {
+            if expired {
+                sqlx::query(self.reap.clone())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::new("claim"))?;
+            }
+            let (horizon, held_back) = self
+                .horizon(&mut tx)
+                .await
+                .map_err(StoreError::new("claim"))?;
+            let rows = sqlx::query(self.claim.clone())
+                .bind(i64::from(limit))
+                .bind(self.park_dead)
+                .bind(horizon)
+                .bind(self.max_batch_bytes)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(StoreError::new("claim"))?;
+            // As many rows as asked for: more may be due at once (also when the byte bound cut
+            // the batch short).
+            let full = rows.len() == limit as usize;
+            if rows.is_empty() {
+                tx.commit().await.map_err(StoreError::new("claim"))?;
+                return Ok(Claimed {
+                    batch: None,
+                    held_back,
+                });
+            }
+            let returned = rows.len();
+            let rows = rows
+                .iter()
+                .map_while(|row| decode_row(row).transpose())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(StoreError::new("claim"))?;
+            tracing::debug!(asked = limit, returned, kept = rows.len(), "rows claimed");
+            self.row_budget.store(
+                next_row_budget(limit, returned, rows.len()),
+                Ordering::Relaxed,
+            );
+            let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+            let aggregates: Vec<&str> = rows
+                .iter()
+                .map(|r| r.aggregate_id.as_str())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let lease_ms = i64::try_from(lease_duration.as_millis()).unwrap_or(i64::MAX);
+            let (id, until) = sqlx::query_as(self.lease.clone())
+                .bind(lease_ms)
+                .bind(&ids)
+                .bind(&aggregates)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(StoreError::new("claim"))?;
             tx.commit().await.map_err(StoreError::new("claim"))?;
-            return Ok(Claimed {
-                batch: None,
+            Ok(Claimed {
+                batch: Some(Batch {
+                    rows,
+                    lease: Lease { id, until },
+                    full,
+                }),
                 held_back,
-            });
-        }
-        let returned = rows.len();
-        let rows = rows
-            .iter()
-            .map_while(|row| decode_row(row).transpose())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(StoreError::new("claim"))?;
-        tracing::debug!(asked = limit, returned, kept = rows.len(), "rows claimed");
-        self.row_budget.store(
-            next_row_budget(limit, returned, rows.len()),
-            Ordering::Relaxed,
-        );
-        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-        let aggregates: Vec<&str> = rows
-            .iter()
-            .map(|r| r.aggregate_id.as_str())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let lease_ms = i64::try_from(lease_duration.as_millis()).unwrap_or(i64::MAX);
-        let (id, until) = sqlx::query_as(self.lease.clone())
-            .bind(lease_ms)
-            .bind(&ids)
-            .bind(&aggregates)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(StoreError::new("claim"))?;
-        tx.commit().await.map_err(StoreError::new("claim"))?;
-        Ok(Claimed {
-            batch: Some(Batch {
-                rows,
-                lease: Lease { id, until },
-                full,
-            }),
-            held_back,
+            })
         })
+        .await
     }
 
     /// Marks the acknowledged rows published and ends the lease, in one statement: the last
@@ -516,13 +574,16 @@ impl Store {
     /// rows it marked; fewer than `ids.len()` means the lease had expired and another claim
     /// took the rows over (fenced).
     pub(crate) async fn finish(&self, ids: &[i64], lease: Lease) -> Result<u64, StoreError> {
-        let done = sqlx::query(self.mark.clone())
-            .bind(ids)
-            .bind(lease.id)
-            .execute(&self.pool)
-            .await
-            .map_err(StoreError::new("mark"))?;
-        Ok(done.rows_affected())
+        self.bounded("mark", async {
+            let done = sqlx::query(self.mark.clone())
+                .bind(ids)
+                .bind(lease.id)
+                .execute(&self.pool)
+                .await
+                .map_err(StoreError::new("mark"))?;
+            Ok(done.rows_affected())
+        })
+        .await
     }
 
     /// Records failed attempts: each row gets its error and either a retry time or, when
@@ -532,26 +593,31 @@ impl Store {
         failures: &[Failure],
         lease: Lease,
     ) -> Result<u64, StoreError> {
-        if failures.is_empty() {
-            return Ok(0);
-        }
-        let ids: Vec<i64> = failures.iter().map(|f| f.id).collect();
-        let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
-        let delays: Vec<i64> = failures
-            .iter()
-            .map(|f| i64::try_from(f.retry_in.as_millis()).unwrap_or(i64::MAX))
-            .collect();
-        let dead: Vec<bool> = failures.iter().map(|f| f.dead).collect();
-        let done = sqlx::query(self.retry.clone())
-            .bind(&ids)
-            .bind(&errors)
-            .bind(&delays)
-            .bind(&dead)
-            .bind(lease.id)
-            .execute(&self.pool)
-            .await
-            .map_err(StoreError::new("retry"))?;
-        Ok(done.rows_affected())
+        self.bounded("retry", async {
+            if failures.is_empty() {
+                return Ok(0);
+            }
+            let ids: Vec<i64> = failures.iter().map(|f| f.id).collect();
+            let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
+            let delays: Vec<i64> = failures
+                .iter()
+                .map(|f| i64::try_from(f.retry_in.as_millis()).unwrap_or(i64::MAX))
+                .collect();
+            let dead: Vec<bool> = failures.iter().map(|f| f.dead).collect();
+            let deferred: Vec<bool> = failures.iter().map(|f| f.deferred).collect();
+            let done = sqlx::query(self.retry.clone())
+                .bind(&ids)
+                .bind(&errors)
+                .bind(&delays)
+                .bind(&dead)
+                .bind(lease.id)
+                .bind(&deferred)
+                .execute(&self.pool)
+                .await
+                .map_err(StoreError::new("retry"))?;
+            Ok(done.rows_affected())
+        })
+        .await
     }
 
     /// Gives rows back without using up an attempt: they leave the lease and are due again
@@ -563,28 +629,34 @@ impl Store {
         lease: Lease,
         error: Option<&str>,
     ) -> Result<u64, StoreError> {
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        let rows: i64 = sqlx::query_scalar(self.release.clone())
-            .bind(ids)
-            .bind(lease.id)
-            .bind(error)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(StoreError::new("release"))?;
-        Ok(u64::try_from(rows).unwrap_or(0))
+        self.bounded("release", async {
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            let rows: i64 = sqlx::query_scalar(self.release.clone())
+                .bind(ids)
+                .bind(lease.id)
+                .bind(error)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(StoreError::new("release"))?;
+            Ok(u64::try_from(rows).unwrap_or(0))
+        })
+        .await
     }
 
     /// Ends `lease` without an outcome for its rows (shutdown with a batch in flight): they are
     /// due again at once and no attempt is charged. Returns how many rows the lease held.
     pub(crate) async fn release_lease(&self, lease: Lease) -> Result<u64, StoreError> {
-        let rows: Option<i64> = sqlx::query_scalar(self.release_lease.clone())
-            .bind(lease.id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(StoreError::new("release"))?;
-        Ok(rows.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
+        self.bounded("release", async {
+            let rows: Option<i64> = sqlx::query_scalar(self.release_lease.clone())
+                .bind(lease.id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(StoreError::new("release"))?;
+            Ok(rows.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
+        })
+        .await
     }
 
     /// Deletes up to `limit` rows published (or, with `dead`, dead-lettered) more than `age`
@@ -596,32 +668,38 @@ impl Store {
         age: Duration,
         limit: u32,
     ) -> Result<u64, StoreError> {
-        let statement = if dead {
-            &self.delete_dead
-        } else {
-            &self.delete_published
-        };
-        let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
-        let done = sqlx::query(statement.clone())
-            .bind(age_ms)
-            .bind(i64::from(limit))
-            .bind(&self.retention_lock)
-            .execute(&self.pool)
-            .await
-            .map_err(StoreError::new("retention delete"))?;
-        Ok(done.rows_affected())
+        self.bounded("retention delete", async {
+            let statement = if dead {
+                &self.delete_dead
+            } else {
+                &self.delete_published
+            };
+            let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+            let done = sqlx::query(statement.clone())
+                .bind(age_ms)
+                .bind(i64::from(limit))
+                .bind(&self.retention_lock)
+                .execute(&self.pool)
+                .await
+                .map_err(StoreError::new("retention delete"))?;
+            Ok(done.rows_affected())
+        })
+        .await
     }
 
     /// Rows waiting to be published (not dead) and the creation time of the oldest.
     pub(crate) async fn pending(&self) -> Result<(i64, Option<DateTime<Utc>>), StoreError> {
-        let row = sqlx::query(self.pending.clone())
-            .fetch_one(&self.pool)
-            .await
-            .map_err(StoreError::new("pending count"))?;
-        let count: i64 = row.try_get(0).map_err(StoreError::new("pending count"))?;
-        let oldest: Option<DateTime<Utc>> =
-            row.try_get(1).map_err(StoreError::new("pending count"))?;
-        Ok((count, oldest))
+        self.bounded("pending count", async {
+            let row = sqlx::query(self.pending.clone())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(StoreError::new("pending count"))?;
+            let count: i64 = row.try_get(0).map_err(StoreError::new("pending count"))?;
+            let oldest: Option<DateTime<Utc>> =
+                row.try_get(1).map_err(StoreError::new("pending count"))?;
+            Ok((count, oldest))
+        })
+        .await
     }
 }
 
@@ -730,26 +808,59 @@ pub(crate) async fn requeue(
 #[derive(Debug)]
 pub(crate) struct Failure {
     pub(crate) id: i64,
+    /// Kept in `last_error`.
     pub(crate) error: String,
+    /// Until `next_attempt_at` (ignored when `dead`).
     pub(crate) retry_in: Duration,
+    /// Dead-lettered now.
     pub(crate) dead: bool,
+    /// The destination was in trouble, not the row: no attempt is charged and `deferrals`
+    /// grows instead (migration 0007).
+    pub(crate) deferred: bool,
 }
 
 /// A claimed row; `None` for a row past the batch's byte bound (no payload was sent).
+///
+/// A NULL in a column the message needs (possible in a table adopted without the NOT NULL
+/// constraints `migrate` creates) does not fail the claim: the row comes back with the column's
+/// name in `null_columns` and fails on its own. A NULL `headers` means no extra headers.
 fn decode_row(row: &PgRow) -> Result<Option<OutboxRow>, sqlx::Error> {
-    let Some(payload) = row.try_get::<Option<String>, _>("payload")? else {
+    if !row.try_get::<bool, _>("kept")? {
         return Ok(None);
+    }
+    let mut null_columns = Vec::new();
+    let mut required = |name: &'static str, value: Option<String>| {
+        value.unwrap_or_else(|| {
+            null_columns.push(name);
+            String::new()
+        })
     };
+    let aggregate_type = required("aggregate_type", row.try_get("aggregate_type")?);
+    let aggregate_id = required("aggregate_id", row.try_get("aggregate_id")?);
+    let event_type = required("event_type", row.try_get("event_type")?);
+    let payload = required("payload", row.try_get("payload")?);
+    let event_id: Option<uuid::Uuid> = row.try_get("event_id")?;
+    let created_at: Option<DateTime<Utc>> = row.try_get("created_at")?;
+    if event_id.is_none() {
+        null_columns.push("event_id");
+    }
+    if created_at.is_none() {
+        null_columns.push("created_at");
+    }
     Ok(Some(OutboxRow {
         id: row.try_get("id")?,
-        event_id: row.try_get("event_id")?,
-        aggregate_type: row.try_get("aggregate_type")?,
-        aggregate_id: row.try_get("aggregate_id")?,
-        event_type: row.try_get("event_type")?,
+        event_id: event_id.unwrap_or_default(),
+        aggregate_type,
+        aggregate_id,
+        event_type,
         payload,
-        headers: row.try_get("headers")?,
-        created_at: row.try_get("created_at")?,
+        headers: row
+            .try_get::<Option<String>, _>("headers")?
+            .unwrap_or_else(|| "{}".to_owned()),
+        created_at: created_at.unwrap_or_default(),
+        null_columns,
         attempts: row.try_get("attempts")?,
+        deferrals: row.try_get("deferrals")?,
         abandoned: row.try_get("abandoned")?,
     }))
 }

@@ -296,9 +296,12 @@ fn classify(err: &KafkaError) -> ErrorClass {
             | C::UnknownTopicOrPartition
             | C::UnknownPartition
             | C::InvalidTopic
-            | C::TopicAuthorizationFailed
             | C::PolicyViolation,
         ) => ErrorClass::Permanent,
+        // A missing ACL for one topic is the destination's state: its rows back off without
+        // using attempts, the rest flow. (A failed SASL login, `Authentication`, falls through
+        // to transient: an outage, whatever the rows.)
+        Some(C::TopicAuthorizationFailed) => ErrorClass::Destination,
         Some(
             C::Fatal
             | C::ClusterAuthorizationFailed
@@ -331,6 +334,14 @@ mod tests {
         assert_eq!(classify(&timed_out), ErrorClass::Transient);
         let fatal = KafkaError::MessageProduction(RDKafkaErrorCode::Fatal);
         assert_eq!(classify(&fatal), ErrorClass::Fatal);
+        let login = KafkaError::MessageProduction(RDKafkaErrorCode::Authentication);
+        assert_eq!(
+            classify(&login),
+            ErrorClass::Transient,
+            "a refused login is an outage"
+        );
+        let acl = KafkaError::MessageProduction(RDKafkaErrorCode::TopicAuthorizationFailed);
+        assert_eq!(classify(&acl), ErrorClass::Destination);
     }
 
     #[test]

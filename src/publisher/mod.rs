@@ -28,6 +28,23 @@ pub(crate) enum ErrorClass {
     /// The producer itself is unusable (e.g. fatal idempotence error): handled like a transient
     /// error for the rows, and logged as an error.
     Fatal,
+    /// The row's destination is in trouble, not the broker and not the row (a queue full with
+    /// `x-overflow = reject-publish`, no authorization for that topic or exchange): the row
+    /// backs off without using up an attempt, the relay does not pause, and rows for other
+    /// destinations keep flowing.
+    Destination,
+}
+
+impl ErrorClass {
+    /// The `class` label of `outbox_relay_publish_errors_total`.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Transient => "transient",
+            Self::Permanent => "permanent",
+            Self::Fatal => "fatal",
+            Self::Destination => "destination",
+        }
+    }
 }
 
 /// Why one row was not published.
@@ -39,6 +56,10 @@ pub(crate) enum PublishError {
         destination: String,
         constraint: &'static str,
     },
+    /// A value the row renders into an AMQP short string (a header name, the `type` property)
+    /// is over the protocol's 255 bytes.
+    #[error("{what} of {len} bytes does not fit an AMQP short string (at most 255 bytes)")]
+    TooLongForAmqp { what: &'static str, len: usize },
     /// The row's `headers` column is not a JSON object.
     #[error("headers column is not a JSON object")]
     InvalidHeaders,
@@ -90,14 +111,16 @@ impl PublishError {
         match self {
             Self::InvalidDestination { .. }
             | Self::InvalidHeaders
+            | Self::TooLongForAmqp { .. }
             | Self::Unroutable { .. }
             | Self::TooLarge { .. }
             | Self::ExchangeNotFound { .. } => ErrorClass::Permanent,
-            Self::HeldBack
-            | Self::NotSent
-            | Self::ProducerClosed
-            | Self::Nacked
-            | Self::ConfirmTimeout => ErrorClass::Transient,
+            // A nack is the broker's answer for this message's queue (reject-publish
+            // overflow), not an outage.
+            Self::Nacked => ErrorClass::Destination,
+            Self::HeldBack | Self::NotSent | Self::ProducerClosed | Self::ConfirmTimeout => {
+                ErrorClass::Transient
+            }
             Self::Kafka { class, .. } | Self::Amqp { class, .. } => *class,
         }
     }
@@ -305,6 +328,8 @@ mod tests {
             headers: headers.into(),
             created_at: chrono::Utc::now(),
             attempts: 1,
+            deferrals: 0,
+            null_columns: Vec::new(),
             abandoned: false,
         }
     }

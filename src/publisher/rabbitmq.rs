@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -55,6 +55,10 @@ pub(crate) struct RabbitMqPublisher {
     /// The broker's `max_message_size` once it told us (a channel closed for size): later
     /// rows above it fail before being sent, without costing their neighbours a channel.
     max_message_size: AtomicUsize,
+    /// Set when the broker closed a channel without naming the message that caused it: the
+    /// next batch is published one message at a time, so the culprit is found and charged
+    /// alone. Cleared once such a batch got through without an outage.
+    isolate: AtomicBool,
 }
 
 struct Session {
@@ -79,9 +83,10 @@ enum Blame {
     MessageSize(usize),
     /// NOT_FOUND for an exchange: rows published to it.
     Exchange(String),
-    /// Another channel-level error caused by a message: the first sent, unconfirmed row (the
-    /// broker handles a channel's messages in order). Ensures such a row is retried and
-    /// dead-lettered instead of stalling the relay.
+    /// Another channel-level error, caused by a message the broker did not name. When the
+    /// batch was that one message, it is to blame (retried, then dead-lettered, instead of
+    /// stalling the relay); otherwise nobody is, and the next batch is sent one message at a
+    /// time to find it (`RabbitMqPublisher::isolate`).
     FirstSent,
     /// Not attributable to a row (connection lost, broker restart, timeout).
     Nobody,
@@ -130,6 +135,7 @@ impl RabbitMqPublisher {
             confirm_timeout: config.confirm_timeout,
             session: Mutex::new(None),
             max_message_size: AtomicUsize::new(usize::MAX),
+            isolate: AtomicBool::new(false),
         })
     }
 
@@ -163,7 +169,7 @@ impl RabbitMqPublisher {
             let open = async {
                 let properties = ConnectionProperties::default()
                     .with_connection_name(self.connection_name.as_str().into());
-                let runtime = lapin::runtime::default_runtime().map_err(amqp_error)?;
+                let runtime = lapin::runtime::default_runtime().map_err(connect_error)?;
                 let connection = Connection::connect_with_config(
                     self.url.expose_secret(),
                     properties,
@@ -171,12 +177,12 @@ impl RabbitMqPublisher {
                     runtime,
                 )
                 .await
-                .map_err(amqp_error)?;
-                let channel = connection.create_channel().await.map_err(amqp_error)?;
+                .map_err(connect_error)?;
+                let channel = connection.create_channel().await.map_err(connect_error)?;
                 channel
                     .confirm_select(ConfirmSelectOptions::default())
                     .await
-                    .map_err(amqp_error)?;
+                    .map_err(connect_error)?;
                 Ok::<_, PublishError>(Session {
                     connection,
                     channel,
@@ -189,6 +195,16 @@ impl RabbitMqPublisher {
             *slot = Some(session);
         }
         Ok(slot.as_mut().expect("set above"))
+    }
+}
+
+/// An error while opening the session (connect, login, vhost, channel): whatever the broker
+/// says — `ACCESS_REFUSED` for a wrong password or a vhost the user may not use included — it
+/// concerns the connection, not a row, so it is an outage.
+fn connect_error(source: lapin::Error) -> PublishError {
+    PublishError::Amqp {
+        class: ErrorClass::Transient,
+        source,
     }
 }
 
@@ -206,12 +222,15 @@ async fn close(session: Session) {
     let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
 }
 
-/// The one place AMQP errors are classified. Channel-level errors caused by a message are
-/// attributed to rows separately ([`blame`]); everything else is an outage.
+/// The one place AMQP errors of a publishing session are classified (errors while opening it
+/// are [`connect_error`]s). Channel-level errors caused by a message are attributed to rows
+/// separately ([`blame`]); everything else is an outage.
 fn classify(err: &lapin::Error) -> ErrorClass {
     match err.kind() {
         lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
-            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => ErrorClass::Permanent,
+            // 403 on a publish: the user may not write to that exchange. An ACL is the
+            // destination's state, not the row's: its rows back off, nothing is dead-lettered.
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => ErrorClass::Destination,
             _ => ErrorClass::Transient,
         },
         _ => ErrorClass::Transient,
@@ -269,18 +288,30 @@ fn validate_routing_key(key: &str) -> Result<(), PublishError> {
     }
 }
 
+/// The message's properties. AMQP short strings (header names, the `type` property) hold at
+/// most 255 bytes, and amq-protocol panics on a longer one, so each is converted with
+/// [`short_string`]: a row whose values do not fit fails permanently instead.
 fn properties(row: &OutboxRow) -> Result<BasicProperties, PublishError> {
     let mut table = FieldTable::default();
     for (name, value) in headers(row)? {
-        table.insert(ShortString::from(name), AMQPValue::LongString(value.into()));
+        table.insert(
+            short_string("header name", name)?,
+            AMQPValue::LongString(value.into()),
+        );
     }
     Ok(BasicProperties::default()
         .with_delivery_mode(2)
-        .with_content_type("application/json".into())
-        .with_message_id(row.event_id.to_string().into())
-        .with_type(row.event_type.as_str().into())
+        .with_content_type(ShortString::from("application/json"))
+        .with_message_id(short_string("event_id", row.event_id.to_string())?)
+        .with_type(short_string("event_type", row.event_type.clone())?)
         .with_timestamp(u64::try_from(row.created_at.timestamp()).unwrap_or(0))
         .with_headers(table))
+}
+
+/// `value` as an AMQP short string, or the row's permanent failure naming `what`.
+fn short_string(what: &'static str, value: String) -> Result<ShortString, PublishError> {
+    let len = value.len();
+    ShortString::try_new(value).map_err(|_| PublishError::TooLongForAmqp { what, len })
 }
 
 /// What ended a batch's channel early.
@@ -388,17 +419,66 @@ impl Publisher for RabbitMqPublisher {
 impl RabbitMqPublisher {
     /// [`Publisher::publish`] to the exchanges `exchange` renders (the configured template, or
     /// the dead-letter destination).
+    ///
+    /// After the broker closed a channel without saying which message caused it, the next
+    /// batch goes out one message at a time, each confirmed before the next is sent, so the
+    /// culprit is the one message in flight when the channel closes again: it alone is charged,
+    /// and the rows before it are published.
     pub(crate) async fn publish_to(&self, rows: &[OutboxRow], exchange: &Template) -> Outcomes {
+        if !self.isolate.load(Ordering::Relaxed) || rows.len() < 2 {
+            return self.publish_chunk(rows, exchange).await;
+        }
+        tracing::info!(
+            rows = rows.len(),
+            "publishing one message at a time to find the message the broker closed the channel for"
+        );
+        let mut outcomes: Outcomes = Vec::with_capacity(rows.len());
+        let mut stopped: HashSet<&str> = HashSet::new();
+        let mut outage = false;
+        for row in rows {
+            if outage {
+                outcomes.push(Err(PublishError::NotSent));
+                continue;
+            }
+            if stopped.contains(row.aggregate_id.as_str()) {
+                outcomes.push(Err(PublishError::HeldBack));
+                continue;
+            }
+            let outcome = self
+                .publish_chunk(std::slice::from_ref(row), exchange)
+                .await
+                .pop()
+                .unwrap_or(Err(PublishError::NotSent));
+            if let Err(err) = &outcome {
+                stopped.insert(&row.aggregate_id);
+                // Broker or connection trouble: the rest waits for the broker, not sent one by
+                // one into the outage.
+                outage = matches!(err.class(), ErrorClass::Transient | ErrorClass::Fatal);
+            }
+            outcomes.push(outcome);
+        }
+        if !outage {
+            self.isolate.store(false, Ordering::Relaxed);
+        }
+        outcomes
+    }
+
+    /// Publishes `rows` as one pipelined batch on the session's channel.
+    async fn publish_chunk(&self, rows: &[OutboxRow], exchange: &Template) -> Outcomes {
         let mut slot = self.session.lock().await;
         let session = match self.ensure_session(&mut slot).await {
             Ok(session) => session,
-            // No session: nothing was sent; every row waits for the broker to come back.
+            // No session: nothing was sent; every row waits for the broker to come back. A
+            // refused login or vhost is an outage too (a credential rotation gone wrong), never
+            // the rows' fault: `connect_error` made every such error transient.
             Err(err) => {
-                let cause = match err {
-                    PublishError::Amqp { source, .. } => Failure::Amqp(source),
-                    _ => Failure::Timeout,
-                };
-                return rows.iter().map(|_| Err(cause.to_error())).collect();
+                return rows
+                    .iter()
+                    .map(|_| match &err {
+                        PublishError::Amqp { source, .. } => Err(connect_error(source.clone())),
+                        _ => Err(PublishError::ConfirmTimeout),
+                    })
+                    .collect();
             }
         };
         let Session {
@@ -557,8 +637,13 @@ impl RabbitMqPublisher {
         if let Blame::MessageSize(limit) = blamed {
             self.max_message_size.store(limit, Ordering::Relaxed);
         }
+        // Only a lone message can be blamed for a close that names none; in a larger batch,
+        // nobody is charged and the next batch is published one message at a time.
+        let alone = rows.len() == 1;
+        if matches!(blamed, Blame::FirstSent) && !alone {
+            self.isolate.store(true, Ordering::Relaxed);
+        }
         let failure = failure.unwrap_or(Failure::Collateral);
-        let mut first_sent = true;
         rows.iter()
             .zip(settled)
             .map(|(row, entry)| match entry {
@@ -575,11 +660,14 @@ impl RabbitMqPublisher {
                             exchange: name.clone(),
                         })
                     }
-                    Blame::FirstSent if exchange.is_some() && first_sent => {
-                        first_sent = false;
+                    Blame::FirstSent if exchange.is_some() && alone => {
+                        // The broker's verdict on this message; ACCESS_REFUSED stays a
+                        // destination's trouble, anything else is the message's fault.
                         let mut err = failure.to_error();
                         if let PublishError::Amqp { class, .. } = &mut err {
-                            *class = ErrorClass::Permanent;
+                            if *class == ErrorClass::Transient {
+                                *class = ErrorClass::Permanent;
+                            }
                         }
                         Err(err)
                     }

@@ -80,6 +80,8 @@ mod tests {
             headers: "{}".into(),
             created_at: chrono::Utc::now(),
             attempts: 1,
+            deferrals: 0,
+            null_columns: Vec::new(),
             abandoned: false,
         }
     }

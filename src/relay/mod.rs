@@ -78,7 +78,12 @@ pub struct Relay {
     /// Readiness state, served on `/readyz` when the HTTP listener is on.
     health: Arc<Health>,
     retention: RetentionConfig,
+    /// Destinations used as metric label values so far (see `destination_label`).
+    destination_labels: Mutex<HashSet<String>>,
 }
+
+/// Most distinct `destination` label values; further destinations are counted as `other`.
+const MAX_DESTINATION_LABELS: usize = 100;
 
 #[derive(Debug, Default)]
 struct Stats {
@@ -138,11 +143,32 @@ enum Done {
     Claimed(Result<Claimed, StoreError>),
     /// The idle-time broker probe's outcome.
     Probed(Result<(), String>),
+    /// The summary line or the backlog gauges were written.
+    Reported,
     Settled {
         lease: Lease,
         /// The first transient or fatal broker error of the batch: pause.
         broker_error: Option<(ErrorClass, String)>,
     },
+}
+
+/// What transient failures in a batch mean.
+#[derive(Debug, PartialEq, Eq)]
+enum Transient {
+    /// The broker took nothing: pause the relay; the rows keep their attempts.
+    Outage,
+    /// The broker acknowledged other rows (or there was no transient failure): the failing
+    /// rows back off on their own.
+    Defer,
+}
+
+/// Decides what a batch's transient failures mean (see [`Transient`]).
+fn transient_outcome(nothing_acked: bool, transient_failures: usize) -> Transient {
+    if nothing_acked && transient_failures > 0 {
+        Transient::Outage
+    } else {
+        Transient::Defer
+    }
 }
 
 /// Sleeps until `at`, or forever when `None` (the select branch is disabled then anyway).
@@ -202,6 +228,7 @@ impl Relay {
         Ok(Self {
             store: Store::new(
                 pool,
+                config.database.statement_timeout,
                 &table,
                 config.retry.on_dead_letter == OnDeadLetter::Park,
                 config.relay.commit_order_guard,
@@ -227,8 +254,15 @@ impl Relay {
             stats: Stats::default(),
             database: Outage::new("database"),
             broker: Outage::new("broker"),
-            health: Arc::new(Health::new(config.relay.poll_interval)),
+            health: Arc::new(Health::new(
+                config.relay.poll_interval,
+                Health::wedged_after(
+                    config.relay.lease_duration,
+                    config.database.statement_timeout,
+                ),
+            )),
             retention: config.retention.clone(),
+            destination_labels: Mutex::new(HashSet::new()),
         })
     }
 
@@ -305,6 +339,9 @@ impl Relay {
         let mut claiming = false;
         // Leases of the batches in flight (released if shutdown times out).
         let mut leases: Vec<Lease> = Vec::new();
+        // When the claim in flight and each batch in flight began, for liveness (`/healthz`).
+        let mut claim_started: Option<Instant> = None;
+        let mut batch_started: Vec<Instant> = Vec::new();
         // Whether to claim as soon as there is room: after a full batch, a settled batch, a
         // wake-up or a poll tick; not after a claim came back short.
         let mut want_claim = true;
@@ -326,6 +363,8 @@ impl Relay {
         // went away while no events flowed).
         let mut backlog = tokio::time::interval(BACKLOG_INTERVAL);
         let mut probing = false;
+        // A summary or backlog query is running (one at a time).
+        let mut reporting = false;
 
         loop {
             if deadline.is_none()
@@ -336,6 +375,7 @@ impl Relay {
                 && leases.len() < self.max_in_flight
             {
                 claiming = true;
+                claim_started = Some(Instant::now());
                 want_claim = false;
                 work.push(Box::pin(async {
                     Done::Claimed(self.store.claim(self.batch_size, self.lease_duration).await)
@@ -344,6 +384,12 @@ impl Relay {
             if deadline.is_some() && work.is_empty() {
                 return Stopped::Clean;
             }
+            self.health.oldest_work(
+                claim_started
+                    .into_iter()
+                    .chain(batch_started.iter().copied())
+                    .min(),
+            );
             tokio::select! {
                 biased;
                 // 1. Shutdown: stop claiming; in-flight work gets `shutdown_timeout`.
@@ -359,6 +405,7 @@ impl Relay {
                 Some(done) = work.next(), if !work.is_empty() => match done {
                     Done::Claimed(Ok(Claimed { batch: Some(batch), held_back })) => {
                         claiming = false;
+                        claim_started = None;
                         self.database_ok();
                         want_claim = batch.full;
                         recheck_delay = HELD_BACK_RECHECK;
@@ -366,6 +413,7 @@ impl Relay {
                             recheck_at = Some(Instant::now() + recheck_delay);
                         }
                         leases.push(batch.lease);
+                        batch_started.push(Instant::now());
                         if batch.rows.iter().any(|r| r.abandoned) {
                             solo = Some(batch.lease);
                         }
@@ -374,6 +422,7 @@ impl Relay {
                     }
                     Done::Claimed(Ok(Claimed { batch: None, held_back })) => {
                         claiming = false;
+                        claim_started = None;
                         self.database_ok();
                         if held_back {
                             // Nothing claimable while rows wait for an open transaction: look
@@ -383,6 +432,7 @@ impl Relay {
                             recheck_delay = (recheck_delay * 2).min(self.poll_interval);
                         }
                     }
+                    Done::Reported => reporting = false,
                     Done::Probed(outcome) => {
                         probing = false;
                         match outcome {
@@ -394,10 +444,14 @@ impl Relay {
                     }
                     Done::Claimed(Err(err)) => {
                         claiming = false;
+                        claim_started = None;
                         paused_until = Some(Instant::now() + self.database_failed(&err));
                     }
                     Done::Settled { lease, broker_error } => {
-                        leases.retain(|l| *l != lease);
+                        if let Some(at) = leases.iter().position(|l| *l == lease) {
+                            leases.remove(at);
+                            batch_started.remove(at);
+                        }
                         solo = solo.filter(|l| *l != lease);
                         metrics::gauge!(metric::BATCHES_IN_FLIGHT).set(leases.len() as f64);
                         // Settling frees the batch's aggregates: their next rows may be due.
@@ -419,9 +473,18 @@ impl Relay {
                 // 4. Wake-ups: NOTIFY, the poll timer, the summary timer.
                 () = self.wakeup.notified(), if !want_claim => want_claim = true,
                 _ = poll.tick(), if !want_claim => want_claim = true,
-                _ = summary.tick() => self.summary(true).await,
+                // The summary and the backlog gauges query the database: they run beside the
+                // claim as work of their own, never awaited here, where they would leave an
+                // open claim transaction unpolled (idle, holding the claim lock).
+                _ = summary.tick(), if !reporting => {
+                    reporting = true;
+                    work.push(Box::pin(async { self.summary(true).await; Done::Reported }));
+                }
                 _ = backlog.tick() => {
-                    self.refresh_backlog().await;
+                    if !reporting {
+                        reporting = true;
+                        work.push(Box::pin(async { self.refresh_backlog().await; Done::Reported }));
+                    }
                     if leases.is_empty() && !probing && deadline.is_none() && paused_until.is_none() {
                         probing = true;
                         work.push(Box::pin(async { Done::Probed(self.sink.probe(PROBE_TIMEOUT).await) }));
@@ -439,7 +502,7 @@ impl Relay {
 
     fn broker_ok(&self) {
         self.broker.recovered();
-        self.health.broker(true);
+        self.health.broker(None);
         self.update_ready();
     }
 
@@ -465,7 +528,7 @@ impl Relay {
 
     /// Records a batch's broker failure; returns how long to pause.
     fn broker_failed(&self, class: ErrorClass, error: &str) -> Duration {
-        self.health.broker(false);
+        self.health.broker(Some(error));
         self.update_ready();
         let (streak, first) = self.broker.failed();
         if first {
@@ -479,27 +542,52 @@ impl Relay {
         backoff::delay(streak, self.retry.initial_backoff, self.retry.max_backoff)
     }
 
-    /// Publishes the batch and records every row's outcome.
-    /// Moves rows past their attempt budget into `failures` (dead) and, in park mode, their
-    /// aggregates' later rows into `held_back`. Returns whether there were any.
-    fn exhausted(
+    /// Moves the rows that are not to be sent into `failures`, and the later rows of their
+    /// aggregates into `held_back`; returns whether there were any:
+    /// - a row past its attempt budget (every earlier attempt ended without an outcome: it
+    ///   crashed the relay each time) is dead-lettered without another try;
+    /// - a row with a NULL where the message needs a value fails permanently (retried, then
+    ///   dead-lettered), as the broker's rejection would.
+    ///
+    /// Later rows of such an aggregate wait while it may still be retried, or is parked.
+    fn unpublishable(
         &self,
         batch: &Batch,
         failures: &mut Vec<Failure>,
         held_back: &mut Vec<i64>,
     ) -> bool {
         let budget = i64::from(self.retry.max_attempts);
-        if batch.rows.iter().all(|r| i64::from(r.attempts) <= budget) {
+        if batch
+            .rows
+            .iter()
+            .all(|r| i64::from(r.attempts) <= budget && r.null_columns.is_empty())
+        {
             return false;
         }
         let park = self.retry.on_dead_letter == OnDeadLetter::Park;
-        let mut parked: HashSet<&str> = HashSet::new();
+        let mut stopped: HashSet<&str> = HashSet::new();
         for row in &batch.rows {
-            if i64::from(row.attempts) > budget {
+            if stopped.contains(row.aggregate_id.as_str()) {
+                held_back.push(row.id);
+                continue;
+            }
+            let attempt = u32::try_from(row.attempts).unwrap_or(u32::MAX);
+            let (error, dead) = if i64::from(row.attempts) > budget {
                 let error = format!(
                     "attempt {} exceeds retry.max_attempts = {budget}: every earlier attempt ended without an outcome (the relay crashed, was killed or lost its lease while publishing this row)",
                     row.attempts
                 );
+                (error, true)
+            } else if !row.null_columns.is_empty() {
+                let error = format!(
+                    "column {} is NULL; the message needs a value (add NOT NULL constraints, see `outbox-relay check`)",
+                    row.null_columns.join(", ")
+                );
+                (error, attempt >= self.retry.max_attempts)
+            } else {
+                continue;
+            };
+            if dead {
                 tracing::error!(
                     event_id = %row.event_id,
                     aggregate_id = %row.aggregate_id,
@@ -507,18 +595,23 @@ impl Relay {
                     error = %error,
                     "event dead-lettered"
                 );
-                failures.push(Failure {
-                    id: row.id,
-                    error,
-                    retry_in: Duration::ZERO,
-                    dead: true,
-                });
-                if park {
-                    parked.insert(&row.aggregate_id);
-                }
-            } else if parked.contains(row.aggregate_id.as_str()) {
-                held_back.push(row.id);
+            } else {
+                tracing::warn!(event_id = %row.event_id, attempt, error = %error, "publish failed, will retry");
             }
+            if park || !dead {
+                stopped.insert(&row.aggregate_id);
+            }
+            failures.push(Failure {
+                id: row.id,
+                error,
+                retry_in: backoff::delay(
+                    attempt,
+                    self.retry.initial_backoff,
+                    self.retry.max_backoff,
+                ),
+                dead,
+                deferred: false,
+            });
         }
         true
     }
@@ -622,13 +715,16 @@ impl Relay {
         let mut failures = Vec::new();
         let mut released = Vec::new();
         let mut held_back = Vec::new();
+        // Rows whose destination is in trouble, and transient failures (decided below).
+        let mut deferred: Vec<(&OutboxRow, String)> = Vec::new();
+        let mut transient: Vec<(&OutboxRow, ErrorClass, String)> = Vec::new();
         let mut settled = Settled::default();
         // A row claimed more often than `max_attempts` had attempts that ended with no outcome
         // recorded: the relay died (or lost its lease) while publishing it, every time. It is
         // dead-lettered without another try, so a row that crashes the relay cannot keep it in
         // a crash loop; in park mode its aggregate's later rows in this batch wait with it.
-        let exhausted = self.exhausted(batch, &mut failures, &mut held_back);
-        let to_publish: Cow<'_, [OutboxRow]> = if exhausted {
+        let unpublishable = self.unpublishable(batch, &mut failures, &mut held_back);
+        let to_publish: Cow<'_, [OutboxRow]> = if unpublishable {
             let skip: HashSet<i64> = failures
                 .iter()
                 .map(|f| f.id)
@@ -657,16 +753,15 @@ impl Relay {
             let attempt = u32::try_from(row.attempts).unwrap_or(0);
             let class = err.class();
             if !err.is_collateral() {
-                let class_label = match class {
-                    ErrorClass::Transient => "transient",
-                    ErrorClass::Permanent => "permanent",
-                    ErrorClass::Fatal => "fatal",
-                };
-                metrics::counter!(metric::PUBLISH_ERRORS, "sink" => self.sink.to_string(), "class" => class_label).increment(1);
+                metrics::counter!(metric::PUBLISH_ERRORS, "sink" => self.sink.to_string(), "class" => class.label()).increment(1);
             }
             let error = ErrorChain(&err).to_string();
             match (class, &err) {
                 (_, err) if err.is_collateral() => held_back.push(row.id),
+                (ErrorClass::Destination, _) => {
+                    tracing::debug!(event_id = %row.event_id, deferrals = row.deferrals, error = %error, "destination in trouble");
+                    deferred.push((row, error));
+                }
                 (ErrorClass::Permanent, _) => {
                     let dead = attempt >= self.retry.max_attempts;
                     let retry_in =
@@ -698,17 +793,56 @@ impl Relay {
                         error,
                         retry_in,
                         dead,
+                        deferred: false,
                     });
                 }
                 (ErrorClass::Transient | ErrorClass::Fatal, _) => {
                     tracing::debug!(event_id = %row.event_id, attempt, error = %error, "publish failed transiently");
-                    settled.broker_error.get_or_insert((class, error));
-                    released.push(row.id);
+                    transient.push((row, class, error));
                 }
             }
         }
         if !acked.is_empty() {
             self.broker_ok();
+        }
+        // Transient failures beside acknowledgements in one batch are not an outage: the broker
+        // took other messages, so the trouble is these rows' destinations (a partition without
+        // a leader or enough in-sync replicas times out while the others are acknowledged).
+        // They back off on their own instead of pausing the relay; without any acknowledgement
+        // it is an outage, and the rows are given back for when the broker returns.
+        match transient_outcome(acked.is_empty(), transient.len()) {
+            Transient::Outage => {
+                for (row, class, error) in transient {
+                    settled.broker_error.get_or_insert((class, error));
+                    released.push(row.id);
+                }
+            }
+            Transient::Defer => {
+                deferred.extend(transient.into_iter().map(|(row, _, error)| (row, error)));
+            }
+        }
+        if let Some((first, error)) = deferred.first() {
+            tracing::warn!(
+                rows = deferred.len(),
+                event_id = %first.event_id,
+                deferrals = first.deferrals + 1,
+                error = %error,
+                "destination in trouble: its rows back off without using an attempt; other destinations flow"
+            );
+        }
+        for (row, error) in deferred {
+            let deferrals = u32::try_from(row.deferrals).unwrap_or(0).saturating_add(1);
+            failures.push(Failure {
+                id: row.id,
+                error,
+                retry_in: backoff::delay(
+                    deferrals,
+                    self.retry.initial_backoff,
+                    self.retry.max_backoff,
+                ),
+                dead: false,
+                deferred: true,
+            });
         }
         settled.acked = acked.len();
         failures.sort_unstable_by_key(|f| f.id);
@@ -720,13 +854,14 @@ impl Relay {
             })
             .await?;
         let dead = failures.iter().filter(|f| f.dead).count() as u64;
+        let charged = failures.iter().filter(|f| !f.deferred).count() as u64;
         self.stats.dead_lettered.fetch_add(dead, Ordering::Relaxed);
         if dead > 0 {
             self.copy_dead_letters(batch, &failures).await;
         }
         self.stats
             .failed
-            .fetch_add(failures.len() as u64 - dead, Ordering::Relaxed);
+            .fetch_add(charged - dead, Ordering::Relaxed);
         // Transient failures keep their attempt; the batch's (first) error is kept on the rows
         // for operators to see.
         let outage_error = settled.broker_error.as_ref().map(|(_, e)| e.as_str());
@@ -775,7 +910,9 @@ impl Relay {
         let mut failures = failures.iter().peekable();
         for row in &batch.rows {
             if acked.next_if(|id| **id == row.id).is_some() {
-                *published.entry(self.sink.destination(row)).or_default() += 1;
+                *published
+                    .entry(self.destination_label(row, true))
+                    .or_default() += 1;
                 latency.record(
                     (now - row.created_at)
                         .num_microseconds()
@@ -784,8 +921,11 @@ impl Relay {
                         / 1e6,
                 );
             } else if let Some(failure) = failures.next_if(|f| f.id == row.id) {
+                if failure.deferred {
+                    continue;
+                }
                 *failed
-                    .entry((self.sink.destination(row), failure.dead))
+                    .entry((self.destination_label(row, false), failure.dead))
                     .or_default() += 1;
             }
         }
@@ -801,6 +941,23 @@ impl Relay {
             metrics::counter!(name, "sink" => sink.clone(), "destination" => destination)
                 .increment(n);
         }
+    }
+
+    /// The `destination` label for `row`'s counters. Row data must not make label values
+    /// unbounded: a destination becomes a label once the broker accepted a message for it
+    /// (`published`), up to [`MAX_DESTINATION_LABELS`]; anything else, rejected destinations
+    /// included, is counted as `other`.
+    fn destination_label(&self, row: &OutboxRow, published: bool) -> String {
+        let rendered = self.sink.destination(row);
+        let mut known = self.destination_labels.lock().expect("label lock poisoned");
+        if known.contains(&rendered) {
+            return rendered;
+        }
+        if published && known.len() < MAX_DESTINATION_LABELS {
+            known.insert(rendered.clone());
+            return rendered;
+        }
+        "other".to_owned()
     }
 
     /// Runs a settling statement, retrying database errors until the lease is about to expire.
@@ -901,5 +1058,21 @@ impl Relay {
                 "relay summary (backlog unknown)"
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Transient, transient_outcome};
+
+    #[test]
+    fn transient_failures_are_an_outage_only_when_the_broker_took_nothing() {
+        assert_eq!(transient_outcome(true, 3), Transient::Outage);
+        assert_eq!(
+            transient_outcome(false, 3),
+            Transient::Defer,
+            "other rows were acknowledged: their destinations are fine, these rows' are not"
+        );
+        assert_eq!(transient_outcome(true, 0), Transient::Defer);
     }
 }

@@ -370,6 +370,17 @@ impl Outbox {
             .await
     }
 
+    /// Waits until no row is left unpublished and not dead-lettered.
+    pub async fn wait_all_settled(&self, timeout: Duration) {
+        wait_until(timeout, "every row published or dead-lettered", || async {
+            let open: i64 = self
+                .scalar("select count(*) from {table} where published_at is null and dead_lettered_at is null")
+                .await;
+            open == 0
+        })
+        .await;
+    }
+
     pub async fn wait_all_published(&self, timeout: Duration) {
         wait_until(timeout, "every outbox row published", || async {
             let (published, total) = self.counts().await;
@@ -403,6 +414,13 @@ impl Outbox {
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 }
+
+/// The lease table (migration 0005) as the README gives it to teams that run their own
+/// migrations; `{leases}` as in [`Outbox::exec`].
+pub const LEASE_TABLE_SQL: &str = "create table {leases} (
+    id bigint generated always as identity primary key,
+    claimed_at timestamptz not null, until timestamptz not null,
+    ids bigint[] not null, aggregates text[] not null);";
 
 /// A finished command.
 #[derive(Debug)]

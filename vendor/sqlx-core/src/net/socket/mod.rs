@@ -193,6 +193,19 @@ pub async fn connect_tcp<Ws: WithSocket>(
         // TCP_NODELAY a bind message over ~8 KB (e.g. an array of 2 000 ids) waits ~40 ms for
         // the server's delayed ACK (Nagle).
         stream.set_nodelay(true)?;
+        // outbox-relay patch: a connection whose peer vanished without a reset (a host gone,
+        // a failover that moved the address, dropped packets) must fail instead of leaving a
+        // statement pending forever. Keepalive probes find it while idle (after 10 s, then every
+        // 5 s, 3 probes); TCP_USER_TIMEOUT while data waits for an acknowledgement (20 s).
+        let socket = socket2::SockRef::from(&stream);
+        socket.set_tcp_keepalive(
+            &socket2::TcpKeepalive::new()
+                .with_time(std::time::Duration::from_secs(10))
+                .with_interval(std::time::Duration::from_secs(5))
+                .with_retries(3),
+        )?;
+        #[cfg(target_os = "linux")]
+        socket.set_tcp_user_timeout(Some(std::time::Duration::from_secs(20)))?;
         return Ok(with_socket.with_socket(stream).await);
     }
 
