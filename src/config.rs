@@ -135,7 +135,9 @@ pub struct DatabaseConfig {
     /// Whether `migrate` installs (true) or drops (false) the NOTIFY trigger. Default true.
     #[serde(default = "default_true")]
     pub notify_trigger: bool,
-    /// Upper bound for one statement of the relay; protects against a hung database. Default 30s.
+    /// Upper bound for one statement of the relay (the sessions' PostgreSQL `statement_timeout`);
+    /// the relay also abandons an operation, and its connection, that got no answer within this
+    /// plus 5 s (a connection that stopped answering). Default 30s.
     #[cfg_attr(test, schemars(with = "String"))]
     #[serde(default = "default_statement_timeout", with = "humantime_serde")]
     pub statement_timeout: Duration,
@@ -165,7 +167,7 @@ pub struct RelayConfig {
     /// the broker's work. Batches in flight never share an aggregate. Default 2.
     #[serde(default = "default_max_in_flight_batches")]
     pub max_in_flight_batches: u32,
-    /// Claim only rows no uncommitted transaction can still precede (see README, "Ordering"):
+    /// Claim only rows no uncommitted transaction can still precede (see README, "Guarantees", 4: late commits):
     /// a row committed after a later-id row of its aggregate is published first. Costs one
     /// `pg_locks` lookup per claim. Default true.
     #[serde(default = "default_true")]
@@ -200,7 +202,7 @@ pub struct RetryConfig {
     /// Publish attempts of a row before it is dead-lettered. Default 10.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
-    /// Delay before the first retry; doubles per attempt, with full jitter. Default 1s.
+    /// Delay before the first retry; doubles per attempt, with equal jitter (a random point in the upper half). Default 1s.
     #[cfg_attr(test, schemars(with = "String"))]
     #[serde(default = "default_initial_backoff", with = "humantime_serde")]
     pub initial_backoff: Duration,
@@ -1342,6 +1344,7 @@ mod tests {
             "\"plugin.library.paths\" = \"/tmp/evil.so\"",
             "\"sasl.kerberos.kinit.cmd\" = \"rm -rf /\"",
             "\"ssl.engine.location\" = \"/tmp/engine.so\"",
+            "\"ssl.providers\" = \"legacy\"",
         ] {
             let err = parse(&with(forbidden)).expect_err(forbidden).to_string();
             assert!(err.contains("loads code or runs a command"), "{err}");
@@ -1382,6 +1385,39 @@ mod tests {
         let toml = MINIMAL.replace("[sink]", "[relay]\nlease_duration = \"10s\"\n[sink]");
         let err = parse(&toml).expect_err("lease too short").to_string();
         assert!(err.contains("relay.lease_duration"), "{err}");
+    }
+
+    #[test]
+    fn a_delivery_timeout_no_lease_can_cover_is_refused() {
+        let toml = format!("{MINIMAL}\n[sink.kafka.properties]\n\"message.timeout.ms\" = 0\n");
+        let err = parse(&toml).expect_err("0 = no timeout").to_string();
+        assert!(err.contains("message.timeout.ms"), "{err}");
+    }
+
+    #[test]
+    fn a_lease_shorter_than_two_rabbitmq_confirm_timeouts_is_refused() {
+        let rabbit = |lease: &str| {
+            format!(
+                "[database]\nurl = \"postgres://postgres@127.0.0.1:5432/app\"\n[relay]\nlease_duration = \"{lease}\"\n[sink]\nkind = \"rabbitmq\"\n[sink.rabbitmq]\nurl = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\nconfirm_timeout = \"30s\"\n"
+            )
+        };
+        let err = parse(&rabbit("59s")).expect_err("too short").to_string();
+        assert!(
+            err.contains("relay.lease_duration") && err.contains("confirm_timeout"),
+            "{err}"
+        );
+        parse(&rabbit("60s")).expect("twice the confirm timeout");
+    }
+
+    #[test]
+    fn kafka_properties_never_show_their_values_in_debug_output() {
+        let toml = format!(
+            "{MINIMAL}\n[sink.kafka.properties]\n\"sasl.password\" = \"sentinel-secret\"\n"
+        );
+        let config = parse(&toml).expect("valid");
+        let shown = format!("{config:?}");
+        assert!(shown.contains("sasl.password"), "the name is shown");
+        assert!(!shown.contains("sentinel-secret"), "{shown}");
     }
 
     #[test]

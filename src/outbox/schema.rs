@@ -1,5 +1,5 @@
 //! `migrate` (versioned, embedded SQL applied to the configured table) and the schema check used
-//! by `check` and at start-up.
+//! by `check`.
 
 use std::fmt;
 

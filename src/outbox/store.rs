@@ -67,7 +67,8 @@ pub(crate) enum StoreError {
         #[source]
         source: sqlx::Error,
     },
-    /// No answer within the client-side bound (`database.statement_timeout` + 5 s): the
+    /// No answer within the client-side bound (`database.statement_timeout` + 5 s), or no
+    /// connection within the acquire timeout (every one stuck): the
     /// connection stopped answering (packets dropped, peer gone without a reset). The
     /// operation was abandoned, and with it the connection.
     #[error("database {op} got no answer within {}; the connection was abandoned", humantime::format_duration(*limit))]
@@ -126,18 +127,64 @@ pub(crate) fn connect_options(config: &DatabaseConfig) -> Result<PgConnectOption
 /// See [`connect_options`].
 pub(crate) const IDLE_IN_TRANSACTION_TIMEOUT: &str = "5s";
 
-/// A lazily connected pool: the relay starts even when the database is down and keeps retrying.
-pub(crate) fn pool(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
-    Ok(PgPoolOptions::new()
-        .max_connections(config.max_connections)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy_with(connect_options(config)?))
+/// The relay's connection pool, lazily connected (the relay starts even when the database is
+/// down and keeps retrying), and replaced whole when an operation on it got no answer: its
+/// connections most likely share the broken path (a host that vanished, a failover that moved
+/// the address), and each would otherwise cost a wait of its own before it is found dead.
+#[derive(Debug, Clone)]
+pub(crate) struct Connections {
+    /// The pool in use and its generation (bumped by each replacement).
+    current: Arc<Mutex<(u64, PgPool)>>,
+    options: PgConnectOptions,
+    max_connections: u32,
+}
+
+impl Connections {
+    pub(crate) fn new(config: &DatabaseConfig) -> Result<Self, sqlx::Error> {
+        let options = connect_options(config)?;
+        let pool = Self::lazy(&options, config.max_connections);
+        Ok(Self {
+            current: Arc::new(Mutex::new((0, pool))),
+            options,
+            max_connections: config.max_connections,
+        })
+    }
+
+    fn lazy(options: &PgConnectOptions, max_connections: u32) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy_with(options.clone())
+    }
+
+    /// The pool in use, with its generation.
+    fn get(&self) -> (u64, PgPool) {
+        let current = self.current.lock().expect("pool lock poisoned");
+        (current.0, current.1.clone())
+    }
+
+    /// Replaces the pool of `generation` (unless another operation already did) with a new,
+    /// lazily connected one; the old one is closed in the background.
+    fn replace(&self, generation: u64) {
+        let mut current = self.current.lock().expect("pool lock poisoned");
+        if current.0 != generation {
+            return;
+        }
+        let old = std::mem::replace(
+            &mut current.1,
+            Self::lazy(&self.options, self.max_connections),
+        );
+        current.0 += 1;
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(5), old.close()).await;
+        });
+    }
 }
 
 /// The relay's statements against one outbox table.
 #[derive(Debug, Clone)]
 pub(crate) struct Store {
-    pool: PgPool,
+    connections: Connections,
     /// Client-side bound on each operation (`database.statement_timeout` + 5 s): the server's
     /// statement timeout cannot end a statement whose connection stopped answering.
     client_timeout: Duration,
@@ -155,6 +202,7 @@ pub(crate) struct Store {
     retention_lock: String,
     lock: SqlStr,
     claim: SqlStr,
+    fetch: SqlStr,
     lease: SqlStr,
     mark: SqlStr,
     retry: SqlStr,
@@ -194,6 +242,9 @@ fn next_row_budget(limit: u32, returned: usize, kept: usize) -> u32 {
     }
 }
 
+/// How long an operation waits for a pool connection.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What the client-side bound adds to `database.statement_timeout`: time for the server to
 /// report its own timeout, and for the network.
 const CLIENT_TIMEOUT_MARGIN: Duration = Duration::from_secs(5);
@@ -217,7 +268,7 @@ fn sql(text: String) -> SqlStr {
 
 impl Store {
     pub(crate) fn new(
-        pool: PgPool,
+        connections: Connections,
         statement_timeout: Duration,
         table: &Table,
         park_dead: bool,
@@ -228,16 +279,17 @@ impl Store {
         // The quoted name inside a string literal (validated names hold no quote; escaped anyway).
         let t_literal = t.replace('\'', "''");
         let leases = table.companion("leases");
-        // Reads the batch: no row is written or locked (claims are serialised by the advisory
-        // lock, and the lease row written next keeps other claims off its aggregates).
-        // `$4` bounds the batch's payload bytes: rows past it (in `id` order) come back with
-        // only their id and are not claimed, so their payloads are not sent (they are
-        // converted, to be measured: `row_budget` keeps such rows few).
+        // Chooses the batch: no row is written or locked (claims are serialised by the advisory
+        // lock, and the lease row written next keeps other claims off its aggregates). Only
+        // what the choice and the lease need comes back — ids, aggregates, attempt counters —
+        // so the transaction that holds the claim lock never streams payloads (a relay paused
+        // while reading them would hold the lock); `fetch` reads them after the commit.
+        // `$4` bounds the batch's payload bytes: rows past it (in `id` order) come back marked
+        // not kept and are not claimed (their payloads are converted, to be measured:
+        // `row_budget` keeps such rows few).
         let claim = format!(
-            "select c.id, c.kept, c.event_id, c.aggregate_type, c.aggregate_id, c.event_type, c.deferrals,
-                    case when c.kept then c.payload end as payload,
-                    case when c.kept then c.headers end as headers,
-                    c.created_at, c.attempts, c.abandoned
+            "select c.id, c.kept, coalesce(c.aggregate_id, '') as aggregate_id, c.attempts,
+                    c.deferrals, c.abandoned
              from (
                -- the byte bound counts the JSON text sent, not the stored (possibly
                -- compressed) size; the first row is always kept, however large
@@ -245,8 +297,7 @@ impl Store {
                       coalesce(sum(octet_length(r.payload)) over (order by r.id)
                                - octet_length(r.payload), 0) < $4 as kept
                from (
-                 select o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
-                        o.payload::text as payload, o.headers::text as headers, o.created_at,
+                 select o.id, o.aggregate_id, o.payload::text as payload,
                         o.attempts + 1 as attempts, o.deferrals,
                         -- the two attempts before this one left no outcome (migration 0007)
                         o.unsettled_attempts >= 2 as abandoned
@@ -273,6 +324,15 @@ impl Store {
                ) r
              ) c
              order by c.id"
+        );
+        // The claimed rows' contents, read after the claim committed (the lease keeps them
+        // this batch's), in the claim's order.
+        let fetch = format!(
+            "select o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
+                    o.payload::text as payload, o.headers::text as headers, o.created_at
+             from unnest($1::bigint[]) with ordinality as b(id, n)
+             join {t} o on o.id = b.id
+             order by b.n"
         );
         // The batch's lease, in the claim's transaction. Ids and distinct aggregates come from
         // the relay: building them in SQL (a materialised CTE of the rows, a sort for the
@@ -401,7 +461,7 @@ impl Store {
                         as alive",
                     );
         Self {
-            pool,
+            connections,
             client_timeout: statement_timeout + CLIENT_TIMEOUT_MARGIN,
             lock_name: "outbox-relay:claim:".to_owned(),
             park_dead,
@@ -410,6 +470,7 @@ impl Store {
             retention_lock: "outbox-relay:retention:".to_owned(),
             lock: sql(lock),
             claim: sql(claim),
+            fetch: sql(fetch),
             lease: sql(lease),
             mark: sql(mark),
             retry: sql(retry),
@@ -426,17 +487,39 @@ impl Store {
 
     /// Runs `work` within the client-side bound ([`Store::client_timeout`]). On expiry `work`
     /// is dropped, and with it its connection (the pool replaces it).
-    async fn bounded<T>(
+    async fn bounded<T, Fut>(
         &self,
         op: &'static str,
-        work: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        tokio::time::timeout(self.client_timeout, work)
-            .await
-            .unwrap_or(Err(StoreError::NoAnswer {
+        work: impl FnOnce(PgPool) -> Fut,
+    ) -> Result<T, StoreError>
+    where
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let (generation, pool) = self.connections.get();
+        match tokio::time::timeout(self.client_timeout, work(pool)).await {
+            // No connection within the acquire timeout: with a handful of connections and
+            // statements of milliseconds, they are all stuck (the pool tests an idle one with
+            // a ping before handing it out, and on a connection that stopped answering that
+            // ping waits). Replaced like an unanswered statement's.
+            Ok(Err(StoreError::Sql {
                 op,
-                limit: self.client_timeout,
-            }))
+                source: sqlx::Error::PoolTimedOut,
+            })) => {
+                self.connections.replace(generation);
+                Err(StoreError::NoAnswer {
+                    op,
+                    limit: ACQUIRE_TIMEOUT,
+                })
+            }
+            Ok(done) => done,
+            Err(_) => {
+                self.connections.replace(generation);
+                Err(StoreError::NoAnswer {
+                    op,
+                    limit: self.client_timeout,
+                })
+            }
+        }
     }
 
     /// Advances the commit-order guard inside the claim transaction; returns the horizon and
@@ -493,10 +576,10 @@ impl Store {
         limit: u32,
         lease_duration: Duration,
     ) -> Result<Claimed, StoreError> {
-        self.bounded("claim", async {
+        self.bounded("claim", |pool| async move {
             let limit = limit.min(self.row_budget.load(Ordering::Relaxed)).max(1);
             let err = StoreError::new("claim");
-            let mut tx = self.pool.begin().await.map_err(err)?;
+            let mut tx = pool.begin().await.map_err(err)?;
             let expired: bool = sqlx::query_scalar(self.lock.clone())
                 .bind(&self.lock_name)
                 .fetch_one(&mut *tx)
@@ -531,18 +614,18 @@ impl Store {
                 });
             }
             let returned = rows.len();
-            let rows = rows
+            let picked = rows
                 .iter()
-                .map_while(|row| decode_row(row).transpose())
+                .map_while(|row| Picked::decode(row).transpose())
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(StoreError::new("claim"))?;
-            tracing::debug!(asked = limit, returned, kept = rows.len(), "rows claimed");
+            tracing::debug!(asked = limit, returned, kept = picked.len(), "rows claimed");
             self.row_budget.store(
-                next_row_budget(limit, returned, rows.len()),
+                next_row_budget(limit, returned, picked.len()),
                 Ordering::Relaxed,
             );
-            let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-            let aggregates: Vec<&str> = rows
+            let ids: Vec<i64> = picked.iter().map(|r| r.id).collect();
+            let aggregates: Vec<&str> = picked
                 .iter()
                 .map(|r| r.aggregate_id.as_str())
                 .collect::<std::collections::BTreeSet<_>>()
@@ -557,12 +640,28 @@ impl Store {
                 .await
                 .map_err(StoreError::new("claim"))?;
             tx.commit().await.map_err(StoreError::new("claim"))?;
+            let lease = Lease { id, until };
+            // The claim lock is free again; the contents are read under the lease alone.
+            let fetched = sqlx::query(self.fetch.clone())
+                .bind(&ids)
+                .fetch_all(&pool)
+                .await
+                .map_err(StoreError::new("claim"));
+            let fetched = match fetched {
+                Ok(fetched) => fetched,
+                Err(err) => {
+                    // Give the rows back now rather than when the lease runs out; nothing
+                    // was attempted, so nothing is charged.
+                    let _ = sqlx::query_scalar::<_, i64>(self.release_lease.clone())
+                        .bind(lease.id)
+                        .fetch_optional(&pool)
+                        .await;
+                    return Err(err);
+                }
+            };
+            let rows = join_picked(picked, &fetched).map_err(StoreError::new("claim"))?;
             Ok(Claimed {
-                batch: Some(Batch {
-                    rows,
-                    lease: Lease { id, until },
-                    full,
-                }),
+                batch: Some(Batch { rows, lease, full }),
                 held_back,
             })
         })
@@ -574,11 +673,11 @@ impl Store {
     /// rows it marked; fewer than `ids.len()` means the lease had expired and another claim
     /// took the rows over (fenced).
     pub(crate) async fn finish(&self, ids: &[i64], lease: Lease) -> Result<u64, StoreError> {
-        self.bounded("mark", async {
+        self.bounded("mark", |pool| async move {
             let done = sqlx::query(self.mark.clone())
                 .bind(ids)
                 .bind(lease.id)
-                .execute(&self.pool)
+                .execute(&pool)
                 .await
                 .map_err(StoreError::new("mark"))?;
             Ok(done.rows_affected())
@@ -593,7 +692,7 @@ impl Store {
         failures: &[Failure],
         lease: Lease,
     ) -> Result<u64, StoreError> {
-        self.bounded("retry", async {
+        self.bounded("retry", |pool| async move {
             if failures.is_empty() {
                 return Ok(0);
             }
@@ -612,7 +711,7 @@ impl Store {
                 .bind(&dead)
                 .bind(lease.id)
                 .bind(&deferred)
-                .execute(&self.pool)
+                .execute(&pool)
                 .await
                 .map_err(StoreError::new("retry"))?;
             Ok(done.rows_affected())
@@ -629,7 +728,7 @@ impl Store {
         lease: Lease,
         error: Option<&str>,
     ) -> Result<u64, StoreError> {
-        self.bounded("release", async {
+        self.bounded("release", |pool| async move {
             if ids.is_empty() {
                 return Ok(0);
             }
@@ -637,7 +736,7 @@ impl Store {
                 .bind(ids)
                 .bind(lease.id)
                 .bind(error)
-                .fetch_one(&self.pool)
+                .fetch_one(&pool)
                 .await
                 .map_err(StoreError::new("release"))?;
             Ok(u64::try_from(rows).unwrap_or(0))
@@ -648,10 +747,10 @@ impl Store {
     /// Ends `lease` without an outcome for its rows (shutdown with a batch in flight): they are
     /// due again at once and no attempt is charged. Returns how many rows the lease held.
     pub(crate) async fn release_lease(&self, lease: Lease) -> Result<u64, StoreError> {
-        self.bounded("release", async {
+        self.bounded("release", |pool| async move {
             let rows: Option<i64> = sqlx::query_scalar(self.release_lease.clone())
                 .bind(lease.id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&pool)
                 .await
                 .map_err(StoreError::new("release"))?;
             Ok(rows.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
@@ -668,7 +767,7 @@ impl Store {
         age: Duration,
         limit: u32,
     ) -> Result<u64, StoreError> {
-        self.bounded("retention delete", async {
+        self.bounded("retention delete", |pool| async move {
             let statement = if dead {
                 &self.delete_dead
             } else {
@@ -679,7 +778,7 @@ impl Store {
                 .bind(age_ms)
                 .bind(i64::from(limit))
                 .bind(&self.retention_lock)
-                .execute(&self.pool)
+                .execute(&pool)
                 .await
                 .map_err(StoreError::new("retention delete"))?;
             Ok(done.rows_affected())
@@ -689,9 +788,9 @@ impl Store {
 
     /// Rows waiting to be published (not dead) and the creation time of the oldest.
     pub(crate) async fn pending(&self) -> Result<(i64, Option<DateTime<Utc>>), StoreError> {
-        self.bounded("pending count", async {
+        self.bounded("pending count", |pool| async move {
             let row = sqlx::query(self.pending.clone())
-                .fetch_one(&self.pool)
+                .fetch_one(&pool)
                 .await
                 .map_err(StoreError::new("pending count"))?;
             let count: i64 = row.try_get(0).map_err(StoreError::new("pending count"))?;
@@ -819,15 +918,54 @@ pub(crate) struct Failure {
     pub(crate) deferred: bool,
 }
 
-/// A claimed row; `None` for a row past the batch's byte bound (no payload was sent).
+/// What the claim transaction returns for one row: enough to choose it and lease it.
+#[derive(Debug)]
+struct Picked {
+    id: i64,
+    /// '' for a NULL (the claim coalesces it, so it also groups such rows).
+    aggregate_id: String,
+    attempts: i32,
+    deferrals: i32,
+    abandoned: bool,
+}
+
+impl Picked {
+    /// `None` for a row past the batch's byte bound (not claimed).
+    fn decode(row: &PgRow) -> Result<Option<Self>, sqlx::Error> {
+        if !row.try_get::<bool, _>("kept")? {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            id: row.try_get("id")?,
+            aggregate_id: row.try_get("aggregate_id")?,
+            attempts: row.try_get("attempts")?,
+            deferrals: row.try_get("deferrals")?,
+            abandoned: row.try_get("abandoned")?,
+        }))
+    }
+}
+
+/// The batch: each picked row with its contents, in the claim's order. A row missing from
+/// `fetched` (deleted by the application since the claim) is left out.
+fn join_picked(picked: Vec<Picked>, fetched: &[PgRow]) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    let mut contents = fetched.iter().peekable();
+    let mut rows = Vec::with_capacity(picked.len());
+    for meta in picked {
+        let Some(row) = contents.next_if(|r| r.try_get::<i64, _>("id").ok() == Some(meta.id))
+        else {
+            continue;
+        };
+        rows.push(decode_row(row, meta)?);
+    }
+    Ok(rows)
+}
+
+/// One claimed row with its contents.
 ///
 /// A NULL in a column the message needs (possible in a table adopted without the NOT NULL
 /// constraints `migrate` creates) does not fail the claim: the row comes back with the column's
 /// name in `null_columns` and fails on its own. A NULL `headers` means no extra headers.
-fn decode_row(row: &PgRow) -> Result<Option<OutboxRow>, sqlx::Error> {
-    if !row.try_get::<bool, _>("kept")? {
-        return Ok(None);
-    }
+fn decode_row(row: &PgRow, meta: Picked) -> Result<OutboxRow, sqlx::Error> {
     let mut null_columns = Vec::new();
     let mut required = |name: &'static str, value: Option<String>| {
         value.unwrap_or_else(|| {
@@ -836,7 +974,8 @@ fn decode_row(row: &PgRow) -> Result<Option<OutboxRow>, sqlx::Error> {
         })
     };
     let aggregate_type = required("aggregate_type", row.try_get("aggregate_type")?);
-    let aggregate_id = required("aggregate_id", row.try_get("aggregate_id")?);
+    // The claim's coalesced value is used, so the lease and the batch agree on it.
+    required("aggregate_id", row.try_get("aggregate_id")?);
     let event_type = required("event_type", row.try_get("event_type")?);
     let payload = required("payload", row.try_get("payload")?);
     let event_id: Option<uuid::Uuid> = row.try_get("event_id")?;
@@ -847,11 +986,11 @@ fn decode_row(row: &PgRow) -> Result<Option<OutboxRow>, sqlx::Error> {
     if created_at.is_none() {
         null_columns.push("created_at");
     }
-    Ok(Some(OutboxRow {
-        id: row.try_get("id")?,
+    Ok(OutboxRow {
+        id: meta.id,
         event_id: event_id.unwrap_or_default(),
         aggregate_type,
-        aggregate_id,
+        aggregate_id: meta.aggregate_id,
         event_type,
         payload,
         headers: row
@@ -859,8 +998,8 @@ fn decode_row(row: &PgRow) -> Result<Option<OutboxRow>, sqlx::Error> {
             .unwrap_or_else(|| "{}".to_owned()),
         created_at: created_at.unwrap_or_default(),
         null_columns,
-        attempts: row.try_get("attempts")?,
-        deferrals: row.try_get("deferrals")?,
-        abandoned: row.try_get("abandoned")?,
-    }))
+        attempts: meta.attempts,
+        deferrals: meta.deferrals,
+        abandoned: meta.abandoned,
+    })
 }

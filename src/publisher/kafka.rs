@@ -102,10 +102,16 @@ impl KafkaPublisher {
     /// in a way an epoch bump cannot repair) fails every later message. The relay then makes
     /// a new producer, with a new producer id; the batch's rows were left unpublished and go
     /// out again on it (the old producer's unacknowledged messages may be duplicates).
+    ///
+    /// The same goes for a producer the broker keeps refusing as fenced or with a stale epoch
+    /// (`ProducerFenced`, `InvalidProducerEpoch`) without librdkafka raising a fatal error:
+    /// seen with tansu after a connection stopped answering mid-batch, every later batch was
+    /// refused. Any fatal-class outcome therefore replaces the producer.
     fn recover_from_fatal(&self, producer: &FutureProducer<QuietContext>) {
-        let Some((code, reason)) = producer.client().fatal_error() else {
-            return;
-        };
+        let (code, reason) = producer.client().fatal_error().unwrap_or((
+            RDKafkaErrorCode::ProducerFenced,
+            "the broker refused the producer's id or epoch".to_owned(),
+        ));
         match self.client.create_with_context(QuietContext) {
             Ok(fresh) => {
                 tracing::error!(error = %code, reason = %reason, "kafka producer hit a fatal error; replaced it with a new producer");
@@ -316,6 +322,43 @@ fn classify(err: &KafkaError) -> ErrorClass {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    mod any_row {
+        //! Property: whatever a row holds, its Kafka message is built (topic, key, headers)
+        //! or the row fails permanently; nothing panics.
+        use super::super::*;
+        use crate::publisher::arbitrary::row;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn builds_a_record_or_fails_permanently(row in row()) {
+                let topic = Template::parse("outbox.{aggregate_type}.{event_type}").unwrap().render(&row);
+                let built = validate_topic(&topic).and_then(|()| headers(&row));
+                match built {
+                    Ok(pairs) => {
+                        let mut kafka_headers = OwnedHeaders::new();
+                        for (name, value) in &pairs {
+                            kafka_headers = kafka_headers.insert(Header {
+                                key: name,
+                                value: Some(value.as_bytes()),
+                            });
+                        }
+                        prop_assert_eq!(rdkafka::message::Headers::count(&kafka_headers), pairs.len());
+                        let record = FutureRecord::to(&topic)
+                            .key(row.aggregate_id.as_bytes())
+                            .payload(row.payload.as_bytes())
+                            .timestamp(row.created_at.timestamp_millis())
+                            .headers(kafka_headers);
+                        prop_assert_eq!(record.key, Some(row.aggregate_id.as_bytes()));
+                    }
+                    Err(err) => prop_assert_eq!(err.class(), ErrorClass::Permanent),
+                }
+            }
+        }
+    }
 
     #[test]
     fn topic_names_are_checked() {

@@ -241,9 +241,6 @@ impl fmt::Display for Sink {
     }
 }
 
-/// The standard headers every message carries, then the row's own `headers` (an object; string
-/// values are used as they are, other JSON values as their JSON text). Row headers that reuse a
-/// standard name are skipped: the standard ones are what consumers deduplicate and route on.
 /// The copy of a dead-lettered row sent to the dead-letter destination: the same event, with
 /// headers `dead_letter_error` (why) and `dead_letter_attempts` added. Headers that are not a
 /// JSON object (one way to be dead-lettered) are replaced by those two.
@@ -261,6 +258,9 @@ pub(crate) fn dead_letter_copy(row: &OutboxRow, error: &str) -> OutboxRow {
     }
 }
 
+/// The standard headers every message carries, then the row's own `headers` (an object; string
+/// values are used as they are, other JSON values as their JSON text). Row headers that reuse a
+/// standard name are skipped: the standard ones are what consumers deduplicate and route on.
 pub(crate) fn headers(row: &OutboxRow) -> Result<Vec<(String, String)>, PublishError> {
     let extra: BTreeMap<String, serde_json::Value> =
         serde_json::from_str(&row.headers).map_err(|_| PublishError::InvalidHeaders)?;
@@ -312,6 +312,63 @@ impl Allowed {
 /// Header names the relay always sets.
 pub(crate) const STANDARD_HEADERS: [&str; 4] =
     ["event_id", "event_type", "aggregate_type", "aggregate_id"];
+
+/// Generated rows for property tests: any Unicode, lengths around protocol limits, any JSON.
+#[cfg(test)]
+pub(crate) mod arbitrary {
+    use crate::outbox::OutboxRow;
+    use proptest::collection::{btree_map, vec};
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    /// Any Unicode (control characters included), and lengths around the 255-byte limit.
+    pub(crate) fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            vec(any::<char>(), 0..40).prop_map(String::from_iter),
+            (250usize..=260).prop_map(|n| "x".repeat(n)),
+            (120usize..=130).prop_map(|n| "é".repeat(n)),
+            vec(any::<char>(), 200..400).prop_map(String::from_iter),
+        ]
+    }
+
+    pub(crate) fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            text().prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 5, |inner| {
+            prop_oneof![
+                vec(inner.clone(), 0..4).prop_map(Value::Array),
+                btree_map(text(), inner, 0..4).prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    pub(crate) fn row() -> impl Strategy<Value = OutboxRow> {
+        (text(), text(), text(), json(), json(), any::<i64>()).prop_map(
+            |(aggregate_type, aggregate_id, event_type, payload, headers, seconds)| OutboxRow {
+                id: 1,
+                event_id: uuid::Uuid::nil(),
+                aggregate_type,
+                aggregate_id,
+                event_type,
+                payload: payload.to_string(),
+                headers: headers.to_string(),
+                created_at: chrono::DateTime::from_timestamp(seconds % 10_000_000_000, 0)
+                    .unwrap_or_default(),
+                null_columns: Vec::new(),
+                attempts: 1,
+                deferrals: 0,
+                abandoned: false,
+            },
+        )
+    }
+}
 
 #[cfg(test)]
 mod tests {

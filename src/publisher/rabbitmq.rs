@@ -728,6 +728,54 @@ mod tests {
         assert!(matches!(blame(err), Blame::MessageSize(1_048_576)));
     }
 
+    mod any_row {
+        //! Property: whatever a row holds, the AMQP message built from it encodes (and decodes
+        //! to the same properties), or the row fails permanently; nothing panics.
+        use super::super::*;
+        use crate::publisher::arbitrary::row;
+        use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, gen_frame, parse_frame};
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn encodes_or_fails_permanently(row in row()) {
+                // The destination: a rendered exchange and routing key that pass validation
+                // fit the publish method's short strings.
+                let exchange = Template::parse("outbox.{aggregate_type}").unwrap().render(&row);
+                let routing_key =
+                    Template::parse("{aggregate_type}.{event_type}").unwrap().render(&row);
+                match validate_exchange(&exchange).and_then(|()| validate_routing_key(&routing_key)) {
+                    Ok(()) => {
+                        prop_assert!(ShortString::try_new(exchange).is_ok());
+                        prop_assert!(ShortString::try_new(routing_key).is_ok());
+                    }
+                    Err(err) => prop_assert_eq!(err.class(), ErrorClass::Permanent),
+                }
+                // The properties: encoded as lapin sends them, and read back unchanged.
+                match properties(&row) {
+                    Ok(properties) => {
+                        let frame = AMQPFrame::Header(1, AMQPContentHeader {
+                            class_id: 60,
+                            body_size: row.payload.len() as u64,
+                            properties: properties.clone(),
+                        });
+                        let bytes = cookie_factory::gen_simple(gen_frame(&frame), Vec::new())
+                            .expect("a header frame encodes");
+                        let (_, parsed) = parse_frame(bytes.as_slice()).expect("and decodes");
+                        let AMQPFrame::Header(_, header) = parsed else {
+                            panic!("not a header frame");
+                        };
+                        prop_assert_eq!(header.properties.headers(), properties.headers());
+                        prop_assert_eq!(header.properties.kind(), properties.kind());
+                    }
+                    Err(err) => prop_assert_eq!(err.class(), ErrorClass::Permanent),
+                }
+            }
+        }
+    }
+
     #[test]
     fn destinations_are_validated() {
         assert!(validate_exchange("outbox.orders:v1").is_ok());

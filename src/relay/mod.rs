@@ -195,7 +195,7 @@ impl Relay {
             key: key.to_owned(),
             constraint,
         };
-        let pool = store::pool(&config.database)
+        let pool = store::Connections::new(&config.database)
             .map_err(|_| invalid("database.url", "is not a valid PostgreSQL URL".to_owned()))?;
         let listen_pool = config.relay.listen.then(|| {
             sqlx::postgres::PgPoolOptions::new()

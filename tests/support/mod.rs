@@ -10,6 +10,7 @@
 pub mod kafka;
 pub mod oracle;
 pub mod postgres;
+pub mod proxy;
 pub mod rabbit;
 pub mod tls;
 
@@ -124,7 +125,9 @@ pub struct Outbox {
     pub table: String,
     /// Topic prefix; the relay publishes to `{prefix}.{aggregate_type}`.
     pub topic_prefix: String,
-    /// Keys per config section, as TOML values, written into the generated config.
+    /// Keys per config section, as TOML values, written into the generated config (`database`:
+    /// beside `url` and `table`).
+    pub database: BTreeMap<&'static str, String>,
     pub relay: BTreeMap<&'static str, String>,
     pub retry: BTreeMap<&'static str, String>,
     pub kafka: BTreeMap<&'static str, String>,
@@ -242,6 +245,7 @@ impl Outbox {
             pool,
             topic_prefix: table.replace('_', "-"),
             table,
+            database: BTreeMap::new(),
             relay,
             retry,
             kafka: BTreeMap::new(),
@@ -284,8 +288,10 @@ impl Outbox {
         };
         let text = [
             format!(
-                "[database]\nurl = \"{}\"\ntable = \"{}\"\n",
-                self.database_url, self.table
+                "[database]\nurl = \"{}\"\ntable = \"{}\"\n{}",
+                self.database_url,
+                self.table,
+                section("database", &self.database).trim_start_matches("[database]\n")
             ),
             section("relay", &self.relay),
             section("retry", &self.retry),

@@ -14,6 +14,8 @@ pub struct PrivatePostgres {
     bin: PathBuf,
     dir: tempfile::TempDir,
     tls: bool,
+    /// Extra `-c name=value` server settings.
+    settings: Vec<String>,
 }
 
 fn sh(command: &str) {
@@ -33,6 +35,11 @@ impl PrivatePostgres {
     /// Creates a cluster (trust auth for `postgres`) and starts it on a free loopback port.
     /// With `certs`, the server presents `server.crt` and accepts only TLS connections.
     pub async fn start(certs: Option<&Certs>) -> Self {
+        Self::start_with(certs, &[]).await
+    }
+
+    /// [`PrivatePostgres::start`] with extra server settings (`name=value`).
+    pub async fn start_with(certs: Option<&Certs>, settings: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display().to_string();
         let bin = std::fs::read_dir("/usr/lib/postgresql")
@@ -69,6 +76,7 @@ impl PrivatePostgres {
             bin,
             dir,
             tls: certs.is_some(),
+            settings: settings.iter().map(|s| (*s).to_owned()).collect(),
         };
         server.start_server().await;
         server
@@ -88,6 +96,9 @@ impl PrivatePostgres {
             .args(["-c", &format!("unix_socket_directories={d}")])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        for setting in &self.settings {
+            command.args(["-c", setting]);
+        }
         if self.tls {
             command.args([
                 "-c",
