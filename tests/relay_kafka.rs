@@ -396,16 +396,13 @@ async fn nulls_in_an_adopted_table_are_dead_lettered_with_their_reason_while_oth
         .retry
         .insert("initial_backoff", "\"50ms\"".to_owned());
     outbox
-        .exec(
-            "create table {table} (
+        .exec(&format!(
+            "create table {{table}} (
                 id bigserial primary key, event_id uuid unique default gen_random_uuid(),
                 aggregate_type text, aggregate_id text, event_type text, payload jsonb,
-                headers jsonb, created_at timestamptz default now(), published_at timestamptz,
-                attempts integer not null default 0, next_attempt_at timestamptz,
-                last_error text, dead_lettered_at timestamptz,
-                unsettled_attempts integer not null default 0,
-                deferrals integer not null default 0);",
-        )
+                headers jsonb, created_at timestamptz default now(), {relay_columns});",
+            relay_columns = crate::support::RELAY_COLUMNS_SQL
+        ))
         .await;
     outbox.exec(crate::support::LEASE_TABLE_SQL).await;
     let mut reader = outbox.reader("order", 1).await;

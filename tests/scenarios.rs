@@ -182,18 +182,15 @@ pub async fn runs_against_a_table_the_application_created(broker: Broker) {
     outbox.set_broker(broker).await;
     outbox.relay.insert("listen", "false".to_owned());
     outbox
-        .exec(
-            "create table {table} (
+        .exec(&format!(
+            "create table {{table}} (
                 id bigserial primary key, tenant text not null default 'acme',
                 event_id uuid not null unique default gen_random_uuid(),
                 aggregate_type varchar(64) not null, aggregate_id text not null, event_type text not null,
-                payload jsonb not null, headers jsonb not null default '{}',
-                created_at timestamptz not null default now(), published_at timestamptz,
-                attempts integer not null default 0, next_attempt_at timestamptz,
-                last_error text, dead_lettered_at timestamptz,
-                unsettled_attempts integer not null default 0,
-                deferrals integer not null default 0);",
-        )
+                payload jsonb not null, headers jsonb not null default '{{}}',
+                created_at timestamptz not null default now(), {relay_columns});",
+            relay_columns = crate::support::RELAY_COLUMNS_SQL
+        ))
         .await;
     // the lease table as the README gives it for teams running their own migrations
     outbox.exec(crate::support::LEASE_TABLE_SQL).await;

@@ -152,6 +152,21 @@ enum Done {
     },
 }
 
+/// The label value for `rendered` given the values `known` so far (see
+/// `Relay::destination_label`): known ones as they are; a new one only for an accepted
+/// message (`published`) and while fewer than [`MAX_DESTINATION_LABELS`] are known; else
+/// `other`.
+fn bounded_label(known: &mut HashSet<String>, rendered: String, published: bool) -> String {
+    if known.contains(&rendered) {
+        return rendered;
+    }
+    if published && known.len() < MAX_DESTINATION_LABELS {
+        known.insert(rendered.clone());
+        return rendered;
+    }
+    "other".to_owned()
+}
+
 /// What transient failures in a batch mean.
 #[derive(Debug, PartialEq, Eq)]
 enum Transient {
@@ -948,16 +963,8 @@ impl Relay {
     /// (`published`), up to [`MAX_DESTINATION_LABELS`]; anything else, rejected destinations
     /// included, is counted as `other`.
     fn destination_label(&self, row: &OutboxRow, published: bool) -> String {
-        let rendered = self.sink.destination(row);
         let mut known = self.destination_labels.lock().expect("label lock poisoned");
-        if known.contains(&rendered) {
-            return rendered;
-        }
-        if published && known.len() < MAX_DESTINATION_LABELS {
-            known.insert(rendered.clone());
-            return rendered;
-        }
-        "other".to_owned()
+        bounded_label(&mut known, self.sink.destination(row), published)
     }
 
     /// Runs a settling statement, retrying database errors until the lease is about to expire.
@@ -1063,7 +1070,30 @@ impl Relay {
 
 #[cfg(test)]
 mod tests {
-    use super::{Transient, transient_outcome};
+    use super::{MAX_DESTINATION_LABELS, Transient, bounded_label, transient_outcome};
+    use std::collections::HashSet;
+
+    #[test]
+    fn destination_labels_stay_bounded_and_never_come_from_rejected_rows() {
+        let mut known = HashSet::new();
+        assert_eq!(
+            bounded_label(&mut known, "rejected.topic".into(), false),
+            "other",
+            "a destination the broker never accepted is not a label"
+        );
+        assert_eq!(bounded_label(&mut known, "orders".into(), true), "orders");
+        assert_eq!(
+            bounded_label(&mut known, "orders".into(), false),
+            "orders",
+            "failures of a known destination keep its label"
+        );
+        for n in 1..MAX_DESTINATION_LABELS {
+            bounded_label(&mut known, format!("t{n}"), true);
+        }
+        assert_eq!(known.len(), MAX_DESTINATION_LABELS);
+        assert_eq!(bounded_label(&mut known, "one.more".into(), true), "other");
+        assert_eq!(known.len(), MAX_DESTINATION_LABELS);
+    }
 
     #[test]
     fn transient_failures_are_an_outage_only_when_the_broker_took_nothing() {

