@@ -6,6 +6,9 @@
 //! `--rows N` (default 200000), `--aggregates N` (5000), `--payload BYTES` (1000),
 //! `--batch N` (2000, the relay default), `--only floors,drain,scale,notify,latency` (default: all),
 //! `--sinks discard,kafka,rabbitmq` (the drain's sinks; default: all).
+//!
+//! `OUTBOX_RELAY_BENCH_BIN=path` measures another build of the relay instead of this one, so
+//! two builds can be compared in alternating runs on the same machine state.
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -293,7 +296,7 @@ async fn fresh_table(pool: &PgPool, args: &Args, name: &str, rows: i64, trigger:
         .await
         .ok();
     let config = config_file(name, "discard", args.batch, trigger, Duration::from_secs(1));
-    let out = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+    let out = Command::new(relay_binary())
         .args(["-c", config.to_str().unwrap(), "migrate"])
         .output()
         .unwrap();
@@ -598,8 +601,14 @@ struct Drained {
     cpu_seconds: f64,
 }
 
+/// The relay binary measured: this build's, or `OUTBOX_RELAY_BENCH_BIN`.
+fn relay_binary() -> std::ffi::OsString {
+    std::env::var_os("OUTBOX_RELAY_BENCH_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_outbox-relay").into())
+}
+
 fn spawn_relay(config: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+    Command::new(relay_binary())
         .args(["-c", config.to_str().unwrap(), "run"])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

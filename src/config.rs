@@ -157,8 +157,9 @@ pub struct RelayConfig {
     /// / 41–44k ev/s to Kafka at 500 / 1000 / 2000); `max_batch_bytes` bounds the memory.
     #[serde(default = "default_batch_size")]
     pub batch_size: u32,
-    /// Most payload bytes in one batch (the JSON text sent, summed in `id` order, whatever
-    /// PostgreSQL compressed it to on disk); a batch always takes at least one row. Bounds the
+    /// Most payload bytes in one batch (each payload's uncompressed stored size, about its
+    /// JSON text, whatever PostgreSQL compressed it to on disk; summed in `id` order); a batch
+    /// always takes at least one row. Bounds the
     /// relay's memory for large events: about `max_in_flight_batches` × this, plus the broker
     /// client's copies. Default 8388608 (8 MiB).
     #[serde(default = "default_max_batch_bytes")]

@@ -221,34 +221,52 @@ impl Drop for MaxMessageSize {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_oversized_row_is_dead_lettered_while_its_neighbours_flow() {
-    // GIVEN exclusive use of RabbitMQ with max_message_size = 1 MiB, two attempts, and a
-    // batch with a 2 MiB event, its successor, and ordinary events around them
+    // GIVEN exclusive use of RabbitMQ with max_message_size = 1 MiB, and a 2 MiB event
     let mut outbox = Outbox::unmigrated().await;
     outbox.exclusive_rabbitmq().await;
     outbox.migrate().success();
     rabbit::set_max_message_size(1_048_576);
     let _restore = MaxMessageSize;
+    a_bad_row_is_dead_lettered_while_its_neighbours_flow(
+        outbox,
+        "payload, headers) values ('doc', 'big', 'uploaded',
+             jsonb_build_object('seq', 0, 'blob', repeat('x', 2097152)), '{}')",
+        "max_message_size of 1048576",
+        "xxxxxxxxxx",
+    )
+    .await;
+}
+
+/// GIVEN two attempts and a batch holding the row `values` completes (aggregate `big`, seq 0;
+/// after `insert into t (aggregate_type, aggregate_id, event_type, `), its successor, and
+/// ordinary events around them, WHEN the relay runs, THEN the neighbours are delivered, the
+/// row is dead-lettered with `reason` in its error, its successor follows, and nothing of the
+/// row (`never_logged`) reaches the log.
+async fn a_bad_row_is_dead_lettered_while_its_neighbours_flow(
+    mut outbox: Outbox,
+    values: &str,
+    reason: &str,
+    never_logged: &str,
+) {
     outbox.retry.insert("max_attempts", "2".to_owned());
     outbox.retry.insert("on_dead_letter", "\"skip\"".to_owned());
     let mut reader = outbox.reader("doc", 1).await;
     outbox.insert("doc", "before", 0..20).await;
     outbox
-        .exec(
-            "insert into {table} (aggregate_type, aggregate_id, event_type, payload)
-             values ('doc', 'big', 'uploaded', jsonb_build_object('seq', 0, 'blob', repeat('x', 2097152))),
-                    ('doc', 'big', 'renamed', '{\"seq\": 1}')",
-        )
+        .exec(&format!(
+            "insert into {{table}} (aggregate_type, aggregate_id, event_type, {values};
+             insert into {{table}} (aggregate_type, aggregate_id, event_type, payload)
+             values ('doc', 'big', 'renamed', '{{\"seq\": 1}}')"
+        ))
         .await;
     outbox.insert("doc", "after", 0..20).await;
 
-    // WHEN the relay runs
     let relay = outbox.start();
 
-    // THEN the neighbours are delivered, on a fresh channel where needed
-    let received = reader.read_at_least(40, WAIT).await;
+    // on a fresh channel or connection where needed
+    let received = reader.read_distinct(40, WAIT).await;
     assert!(received.iter().all(|m| m.key != "big" || m.seq() == 1));
-    // AND the oversized row is dead-lettered with the broker's limit in its error
-    wait_until(WAIT, "oversized row dead-lettered", || async {
+    wait_until(WAIT, "bad row dead-lettered", || async {
         row_state(&outbox, "big", 0).await.2
     })
     .await;
@@ -256,18 +274,14 @@ async fn an_oversized_row_is_dead_lettered_while_its_neighbours_flow() {
     assert_eq!(attempts, 2);
     assert!(!published);
     let last_error = last_error.unwrap();
-    assert!(
-        last_error.contains("max_message_size of 1048576"),
-        "{last_error}"
-    );
-    // AND its successor follows once it is dead-lettered
+    assert!(last_error.contains(reason), "{last_error}");
     wait_until(WAIT, "successor published", || async {
         row_state(&outbox, "big", 1).await.3
     })
     .await;
     assert!(
-        !relay.logs().contains("xxxxxxxxxx"),
-        "payloads are never logged"
+        !relay.logs().contains(never_logged),
+        "row contents are never logged"
     );
 }
 
@@ -416,4 +430,86 @@ async fn a_refused_login_is_an_outage_that_costs_no_attempt() {
     relay.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(relay.wait_exit(Duration::from_secs(15)).await.success());
     rabbit::rabbitmqctl(&["delete_user", &user]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_channel_close_that_names_no_message_is_pinned_on_the_culprit_alone() {
+    // GIVEN rows routed by aggregate type to two exchanges the relay does not declare: an
+    // ordinary one, and an internal one (RabbitMQ answers a publish to it by closing the
+    // channel, ACCESS_REFUSED, without saying which message), whose one row sits in the middle
+    // of the relay's first batch
+    let mut outbox = Outbox::for_broker(Broker::RabbitMq).await;
+    let ordinary = outbox.exchange();
+    let internal = format!("{ordinary}.internal");
+    let queue = rabbit::bind_queue(&ordinary, "#").await;
+    rabbit::declare_internal_exchange(&internal).await;
+    let mut reader = QueueReader::new(&queue).await;
+    outbox
+        .rabbitmq
+        .insert("exchange", "\"{aggregate_type}\"".to_owned());
+    outbox
+        .rabbitmq
+        .insert("declare_exchange", "false".to_owned());
+    outbox.insert(&ordinary, "a", 0..50).await;
+    outbox.insert(&internal, "x", 0..1).await;
+    outbox.insert(&ordinary, "b", 0..50).await;
+
+    // WHEN the relay runs
+    let relay = outbox.start();
+
+    // THEN the fault fired: a batch's channel closed, and the relay went one message at a time
+    relay
+        .wait_for_log("publishing one message at a time", WAIT)
+        .await;
+    // AND every ordinary row is delivered, in order per aggregate
+    let received = reader.read_distinct(100, WAIT).await;
+    for key in ["a", "b"] {
+        // at least once: judged on each event's first delivery
+        let mut seen = HashSet::new();
+        let first_deliveries: Vec<i64> = received
+            .iter()
+            .filter(|m| m.key == key && seen.insert(m.seq()))
+            .map(|m| m.seq())
+            .collect();
+        assert!(first_deliveries.is_sorted(), "{key}: {first_deliveries:?}");
+    }
+    wait_until(WAIT, "ordinary rows marked", || async {
+        let open: i64 = outbox
+            .scalar(
+                "select count(*) from {table} where aggregate_id <> 'x' and published_at is null",
+            )
+            .await;
+        open == 0
+    })
+    .await;
+    // AND only the culprit carries the broker's verdict: a destination in trouble, backing off
+    // without using an attempt; no ordinary row was charged for it
+    wait_until(WAIT, "culprit's error recorded", || async {
+        row_state(&outbox, "x", 0)
+            .await
+            .1
+            .is_some_and(|e| e.contains("ACCESS_REFUSED"))
+    })
+    .await;
+    let (attempts, _, dead, published) = row_state(&outbox, "x", 0).await;
+    assert_eq!((attempts, dead, published), (0, false, false));
+    let charged: i64 = outbox
+        .scalar("select count(*) from {table} where aggregate_id <> 'x' and (attempts <> 1 or last_error is not null)")
+        .await;
+    assert_eq!(charged, 0, "ordinary rows were charged for the culprit");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_whose_headers_exceed_frame_max_is_dead_lettered_while_its_neighbours_flow() {
+    // GIVEN a row whose headers (200 KB) make an AMQP content-header frame over the broker's
+    // frame_max (128 KiB): sent, the broker would close the connection without naming it
+    let outbox = Outbox::for_broker(Broker::RabbitMq).await;
+    a_bad_row_is_dead_lettered_while_its_neighbours_flow(
+        outbox,
+        "payload, headers) values ('doc', 'big', 'tagged', '{\"seq\": 0}',
+             jsonb_build_object('note', repeat('n', 200000)))",
+        "frame_max of 131072",
+        "nnnnnnnnnn",
+    )
+    .await;
 }

@@ -272,12 +272,21 @@ pub(crate) struct Inspection {
     pub(crate) has_lease_table: bool,
     /// Its name, for the message.
     pub(crate) lease_table: String,
+    /// `server_version_num`: the claim measures payloads with `pg_column_compression`
+    /// (PostgreSQL 14).
+    pub(crate) server_version: i32,
 }
+
+/// The oldest PostgreSQL the relay's statements run on, as `server_version_num`.
+const MIN_SERVER_VERSION: i32 = 140_000;
 
 impl Inspection {
     /// True when the relay can run against the table.
     pub(crate) fn is_usable(&self) -> bool {
-        self.missing.is_empty() && self.wrong_type.is_empty() && self.has_lease_table
+        self.missing.is_empty()
+            && self.wrong_type.is_empty()
+            && self.has_lease_table
+            && self.server_version >= MIN_SERVER_VERSION
     }
 }
 
@@ -292,6 +301,14 @@ impl fmt::Display for Inspection {
             }
             for (column, found) in &self.wrong_type {
                 write!(f, "; column {column} has type {found}")?;
+            }
+            if self.server_version < MIN_SERVER_VERSION {
+                write!(
+                    f,
+                    "; PostgreSQL {}.{} is older than 14, the oldest the relay supports",
+                    self.server_version / 10_000,
+                    self.server_version % 10_000
+                )?;
             }
             if !self.has_lease_table {
                 write!(
@@ -374,7 +391,13 @@ pub(crate) async fn inspect(
         .fetch_one(&mut *conn)
         .await?;
 
+    let server_version: i32 =
+        sqlx::query_scalar("select current_setting('server_version_num')::int")
+            .fetch_one(&mut *conn)
+            .await?;
+
     let mut inspection = Inspection {
+        server_version,
         has_lease_table,
         lease_table: lease_table.replace('"', ""),
         channel: format!("outbox_relay:{schema}.{relname}"),
@@ -411,4 +434,33 @@ pub(crate) async fn connect(
     options: &sqlx::postgres::PgConnectOptions,
 ) -> Result<PgConnection, sqlx::Error> {
     PgConnection::connect_with(options).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inspection(server_version: i32) -> Inspection {
+        Inspection {
+            resolved: "public.outbox".to_owned(),
+            missing: Vec::new(),
+            wrong_type: Vec::new(),
+            nullable: Vec::new(),
+            extra: Vec::new(),
+            has_notify_trigger: true,
+            channel: "outbox_relay:public.outbox".to_owned(),
+            has_lease_table: true,
+            lease_table: "public.outbox_leases".to_owned(),
+            server_version,
+        }
+    }
+
+    #[test]
+    fn a_server_older_than_postgresql_14_is_named_and_refused() {
+        assert!(inspection(140_000).is_usable());
+        let old = inspection(130_011);
+        assert!(!old.is_usable());
+        let text = old.to_string();
+        assert!(text.contains("PostgreSQL 13.11 is older than 14"), "{text}");
+    }
 }

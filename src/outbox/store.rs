@@ -285,8 +285,11 @@ impl Store {
         // so the transaction that holds the claim lock never streams payloads (a relay paused
         // while reading them would hold the lock); `fetch` reads them after the commit.
         // `$4` bounds the batch's payload bytes: rows past it (in `id` order) come back marked
-        // not kept and are not claimed (their payloads are converted, to be measured:
-        // `row_budget` keeps such rows few).
+        // not kept and are not claimed (`row_budget` keeps such rows few). A payload is
+        // measured by its stored size, which costs nothing to read; converting each jsonb to
+        // text to measure it (then again in `fetch`) took a third of the claim's time. Only
+        // a compressed payload (rows over ~2 KB) is measured as text, its stored size being
+        // a fraction of what the relay will hold.
         let claim = format!(
             "select c.id, c.kept, coalesce(c.aggregate_id, '') as aggregate_id, c.attempts,
                     c.deferrals, c.abandoned
@@ -294,10 +297,12 @@ impl Store {
                -- the byte bound counts the JSON text sent, not the stored (possibly
                -- compressed) size; the first row is always kept, however large
                select r.*,
-                      coalesce(sum(octet_length(r.payload)) over (order by r.id)
-                               - octet_length(r.payload), 0) < $4 as kept
+                      coalesce(sum(r.size) over (order by r.id) - r.size, 0) < $4 as kept
                from (
-                 select o.id, o.aggregate_id, o.payload::text as payload,
+                 select o.id, o.aggregate_id,
+                        case when pg_column_compression(o.payload) is null
+                             then pg_column_size(o.payload)
+                             else octet_length(o.payload::text) end as size,
                         o.attempts + 1 as attempts, o.deferrals,
                         -- the two attempts before this one left no outcome (migration 0007)
                         o.unsettled_attempts >= 2 as abandoned
@@ -326,13 +331,14 @@ impl Store {
              order by c.id"
         );
         // The claimed rows' contents, read after the claim committed (the lease keeps them
-        // this batch's), in the claim's order.
+        // this batch's), in the claim's (`id`) order. One index scan over the sorted ids
+        // (a join with `unnest` probed the index once per id: ~1 ms more per 1 000 rows).
         let fetch = format!(
             "select o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
                     o.payload::text as payload, o.headers::text as headers, o.created_at
-             from unnest($1::bigint[]) with ordinality as b(id, n)
-             join {t} o on o.id = b.id
-             order by b.n"
+             from {t} o
+             where o.id = any($1::bigint[])
+             order by o.id"
         );
         // The batch's lease, in the claim's transaction. Ids and distinct aggregates come from
         // the relay: building them in SQL (a materialised CTE of the rows, a sort for the

@@ -60,6 +60,12 @@ pub(crate) enum PublishError {
     /// is over the protocol's 255 bytes.
     #[error("{what} of {len} bytes does not fit an AMQP short string (at most 255 bytes)")]
     TooLongForAmqp { what: &'static str, len: usize },
+    /// The message's properties (its headers, mostly) make a content-header frame over the
+    /// frame size negotiated with the broker; AMQP cannot split that frame.
+    #[error(
+        "AMQP properties of {size} bytes (the headers, mostly) exceed the broker's frame_max of {frame_max} bytes"
+    )]
+    HeaderFrameTooLarge { size: usize, frame_max: usize },
     /// The row's `headers` column is not a JSON object.
     #[error("headers column is not a JSON object")]
     InvalidHeaders,
@@ -112,6 +118,7 @@ impl PublishError {
             Self::InvalidDestination { .. }
             | Self::InvalidHeaders
             | Self::TooLongForAmqp { .. }
+            | Self::HeaderFrameTooLarge { .. }
             | Self::Unroutable { .. }
             | Self::TooLarge { .. }
             | Self::ExchangeNotFound { .. } => ErrorClass::Permanent,

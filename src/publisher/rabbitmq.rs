@@ -66,6 +66,8 @@ struct Session {
     channel: Channel,
     /// Exchanges declared on this connection.
     declared: HashSet<String>,
+    /// The frame size negotiated with the broker: a message's properties must fit one frame.
+    frame_max: usize,
 }
 
 impl fmt::Debug for RabbitMqPublisher {
@@ -183,10 +185,13 @@ impl RabbitMqPublisher {
                     .confirm_select(ConfirmSelectOptions::default())
                     .await
                     .map_err(connect_error)?;
+                let frame_max =
+                    usize::try_from(connection.configuration().frame_max()).unwrap_or(usize::MAX);
                 Ok::<_, PublishError>(Session {
                     connection,
                     channel,
                     declared: HashSet::new(),
+                    frame_max,
                 })
             };
             let session = tokio::time::timeout(self.confirm_timeout, open)
@@ -291,9 +296,21 @@ fn validate_routing_key(key: &str) -> Result<(), PublishError> {
 /// The message's properties. AMQP short strings (header names, the `type` property) hold at
 /// most 255 bytes, and amq-protocol panics on a longer one, so each is converted with
 /// [`short_string`]: a row whose values do not fit fails permanently instead.
-fn properties(row: &OutboxRow) -> Result<BasicProperties, PublishError> {
+///
+/// The properties travel in one content-header frame, which AMQP never splits: over the
+/// connection's `frame_max` the broker would close the whole connection (FRAME_ERROR) without
+/// naming the message, an outage that would come back with every batch carrying the row. Such
+/// a row fails permanently instead, before anything is sent.
+fn properties(row: &OutboxRow, frame_max: usize) -> Result<BasicProperties, PublishError> {
+    let headers = headers(row)?;
+    let message_id = short_string("event_id", row.event_id.to_string())?;
+    let kind = short_string("event_type", row.event_type.clone())?;
+    let size = header_frame_size(message_id.as_str(), kind.as_str(), &headers);
+    if size > frame_max {
+        return Err(PublishError::HeaderFrameTooLarge { size, frame_max });
+    }
     let mut table = FieldTable::default();
-    for (name, value) in headers(row)? {
+    for (name, value) in headers {
         table.insert(
             short_string("header name", name)?,
             AMQPValue::LongString(value.into()),
@@ -301,11 +318,29 @@ fn properties(row: &OutboxRow) -> Result<BasicProperties, PublishError> {
     }
     Ok(BasicProperties::default()
         .with_delivery_mode(2)
-        .with_content_type(ShortString::from("application/json"))
-        .with_message_id(short_string("event_id", row.event_id.to_string())?)
-        .with_type(short_string("event_type", row.event_type.clone())?)
+        .with_content_type(ShortString::from(CONTENT_TYPE))
+        .with_message_id(message_id)
+        .with_type(kind)
         .with_timestamp(u64::try_from(row.created_at.timestamp()).unwrap_or(0))
         .with_headers(table))
+}
+
+const CONTENT_TYPE: &str = "application/json";
+
+/// The encoded size of the content-header frame for the properties [`properties`] sets
+/// (checked against amq-protocol's encoder by the property test below).
+fn header_frame_size(message_id: &str, kind: &str, headers: &[(String, String)]) -> usize {
+    // frame type, channel, size, frame end; class, weight, body size, property flags
+    const FIXED: usize = 1 + 2 + 4 + 1 + 2 + 2 + 8 + 2;
+    // short strings carry a length byte; delivery mode 1 byte; timestamp 8; table length 4
+    let properties =
+        (1 + CONTENT_TYPE.len()) + 1 + (1 + message_id.len()) + (1 + kind.len()) + 8 + 4;
+    // per entry: name (short string), type tag, long string (4-byte length)
+    let table: usize = headers
+        .iter()
+        .map(|(name, value)| 1 + name.len() + 1 + 4 + value.len())
+        .sum();
+    FIXED + properties + table
 }
 
 /// `value` as an AMQP short string, or the row's permanent failure naming `what`.
@@ -484,8 +519,10 @@ impl RabbitMqPublisher {
         let Session {
             channel,
             declared: declared_exchanges,
+            frame_max,
             ..
         } = session;
+        let frame_max = *frame_max;
         let deadline = Instant::now() + self.confirm_timeout;
         let max_size = self.max_message_size.load(Ordering::Relaxed);
         let mut pending: Vec<Pending> = Vec::with_capacity(rows.len());
@@ -513,7 +550,7 @@ impl RabbitMqPublisher {
                             limit: max_size,
                         })
                     } else {
-                        properties(row)
+                        properties(row, frame_max)
                     }
                 });
             let properties = match prepared {
@@ -754,7 +791,7 @@ mod tests {
                     Err(err) => prop_assert_eq!(err.class(), ErrorClass::Permanent),
                 }
                 // The properties: encoded as lapin sends them, and read back unchanged.
-                match properties(&row) {
+                match properties(&row, usize::MAX) {
                     Ok(properties) => {
                         let frame = AMQPFrame::Header(1, AMQPContentHeader {
                             class_id: 60,
@@ -768,6 +805,11 @@ mod tests {
                             panic!("not a header frame");
                         };
                         prop_assert_eq!(header.properties.headers(), properties.headers());
+                        // The size `properties` checks against frame_max is the encoded one.
+                        let message_id = properties.message_id().as_ref().map_or("", |s| s.as_str());
+                        let kind = properties.kind().as_ref().map_or("", |s| s.as_str());
+                        let listed = headers(&row).expect("properties read them");
+                        prop_assert_eq!(header_frame_size(message_id, kind, &listed), bytes.len());
                         prop_assert_eq!(header.properties.kind(), properties.kind());
                     }
                     Err(err) => prop_assert_eq!(err.class(), ErrorClass::Permanent),

@@ -510,13 +510,20 @@ impl RelayProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits for a log line containing `needle`; on timeout, panics with the log's last lines.
     pub async fn wait_for_log(&self, needle: &str, timeout: Duration) {
-        wait_until(
-            timeout,
-            &format!("relay log line containing {needle:?}"),
-            || async { self.logs().contains(needle) },
-        )
-        .await;
+        let deadline = Instant::now() + timeout;
+        while !self.logs().contains(needle) {
+            if Instant::now() >= deadline {
+                let logs = self.logs();
+                let lines: Vec<&str> = logs.lines().collect();
+                let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+                panic!(
+                    "timed out after {timeout:?} waiting for a relay log line containing {needle:?}; its last lines:\n{tail}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Waits for the process to exit.

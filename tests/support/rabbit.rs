@@ -48,18 +48,15 @@ pub async fn bind_queue(exchange: &str, pattern: &str) -> String {
 pub async fn bind_queue_with(exchange: &str, pattern: &str, mut arguments: FieldTable) -> String {
     let connection = connect().await;
     let channel = connection.create_channel().await.expect("channel");
-    channel
-        .exchange_declare(
-            exchange.into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("declare exchange");
+    declare_exchange(
+        &channel,
+        exchange,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        },
+    )
+    .await;
     let queue = unique(exchange);
     // Unused test queues disappear after ten minutes.
     arguments.insert("x-expires".into(), AMQPValue::LongUInt(600_000));
@@ -86,6 +83,40 @@ pub async fn bind_queue_with(exchange: &str, pattern: &str, mut arguments: Field
         .expect("bind queue");
     let _ = connection.close(200, "done".into()).await;
     queue
+}
+
+/// Declares an internal exchange: RabbitMQ refuses a publish to it by closing the channel
+/// (ACCESS_REFUSED), without naming the message that caused it.
+pub async fn declare_internal_exchange(exchange: &str) {
+    let connection = connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    declare_exchange(
+        &channel,
+        exchange,
+        ExchangeDeclareOptions {
+            internal: true,
+            auto_delete: true,
+            ..ExchangeDeclareOptions::default()
+        },
+    )
+    .await;
+    let _ = connection.close(200, "done".into()).await;
+}
+
+async fn declare_exchange(
+    channel: &lapin::Channel,
+    exchange: &str,
+    options: ExchangeDeclareOptions,
+) {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            options,
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("declare exchange {exchange}: {e}"));
 }
 
 /// Consumes a queue (auto-ack) into `received`.
