@@ -533,6 +533,7 @@ const KAFKA_GUARDED: &[(&str, &str)] = &[
     ("acks", "all"),
     ("request.required.acks", "all"),
     ("enable.idempotence", "true"),
+    ("enable.gapless.guarantee", "true"),
     ("enable.ssl.certificate.verification", "true"),
     ("ssl.endpoint.identification.algorithm", "https"),
     ("enable.sasl.oauthbearer.unsecure.jwt", "false"),

@@ -72,6 +72,12 @@ pub(crate) fn client_config(config: &KafkaConfig) -> ClientConfig {
     client
         .set("bootstrap.servers", &config.brokers)
         .set("enable.idempotence", "true")
+        // A batch the broker refused for good (say MSG_SIZE_TOO_LARGE) would otherwise leave
+        // a gap: the producer goes on with the partition's later messages, so an aggregate's
+        // later events land before the failed one is retried. With the guarantee, such an
+        // error is fatal instead: the later messages fail too (and are retried in order), and
+        // the producer is replaced (`recover_from_fatal`).
+        .set("enable.gapless.guarantee", "true")
         .set("acks", "all");
     client
 }

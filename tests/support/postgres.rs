@@ -4,9 +4,10 @@
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use super::tls::Certs;
-use super::{free_address, wait_listening};
+use super::{free_address, wait_listening, wait_until};
 
 pub struct PrivatePostgres {
     child: Option<Child>,
@@ -111,6 +112,29 @@ impl PrivatePostgres {
         }
         self.child = Some(command.spawn().unwrap());
         wait_listening(self.port, "private PostgreSQL").await;
+        // Listening is not ready: until recovery ends, sessions are refused with "the database
+        // system is starting up". pg_isready tells the two apart.
+        let ready = self.bin.join("pg_isready");
+        let port = self.port.to_string();
+        wait_until(
+            Duration::from_secs(60),
+            "private PostgreSQL accepting sessions",
+            || {
+                let ready = ready.clone();
+                let port = port.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || {
+                        Command::new(ready)
+                            .args(["-q", "-h", "127.0.0.1", "-p", &port])
+                            .status()
+                            .is_ok_and(|s| s.success())
+                    })
+                    .await
+                    .unwrap()
+                }
+            },
+        )
+        .await;
     }
 
     /// Stops the server: SIGINT is a fast shutdown (sessions terminated, clean checkpoint),
