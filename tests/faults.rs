@@ -662,6 +662,9 @@ async fn a_postgres_crash_and_restart_mid_drain_loses_nothing() {
     let mut outbox = Outbox::unmigrated_at(server.url(), pool);
     outbox.migrate().success();
     outbox.relay.insert("batch_size", "200".to_owned());
+    // Leases long enough that no row may wait for one to expire: a lease the crash brought
+    // back (its end was committed asynchronously, and lost) must be ended again at once.
+    outbox.relay.insert("lease_duration", "\"120s\"".to_owned());
     let mut reader = outbox.reader("order", 3).await;
     for a in 0..20 {
         outbox.insert("order", &format!("o-{a}"), 0..500).await;
@@ -683,8 +686,9 @@ async fn a_postgres_crash_and_restart_mid_drain_loses_nothing() {
         "the fault: the drain was cut"
     );
 
-    // THEN the relay reconnects by itself and publishes everything
-    outbox.wait_all_published(WAIT).await;
+    // THEN the relay reconnects by itself and publishes everything, long before any lease
+    // could expire
+    outbox.wait_all_published(Duration::from_secs(60)).await;
     let recovery = back.elapsed();
     relay.wait_for_log("database available again", WAIT).await;
     let received = drain(&mut reader, 10_000).await;

@@ -10,7 +10,7 @@
 pub(crate) mod backoff;
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,7 +80,20 @@ pub struct Relay {
     retention: RetentionConfig,
     /// Destinations used as metric label values so far (see `destination_label`).
     destination_labels: Mutex<HashSet<String>>,
+    /// Leases this instance ended (by its mark) within the last [`ASYNC_COMMIT_WINDOW`]. The
+    /// relay's sessions commit asynchronously, so a database crash can undo those deletes:
+    /// the leases come back and hold their aggregates until they expire (`lease_duration`,
+    /// two minutes by default). After a database outage they are deleted again
+    /// (`Relay::forget_ended_leases`).
+    ended_leases: Mutex<VecDeque<(Lease, Instant)>>,
 }
+
+/// How long an ended lease is remembered: far beyond the commits an asynchronous-commit crash
+/// can lose (about three `wal_writer_delay`s, 600 ms by default).
+const ASYNC_COMMIT_WINDOW: Duration = Duration::from_secs(10);
+
+/// Most ended leases remembered (100 batches a second for the whole window).
+const MAX_ENDED_LEASES: usize = 1000;
 
 /// Most distinct `destination` label values; further destinations are counted as `other`.
 const MAX_DESTINATION_LABELS: usize = 100;
@@ -115,17 +128,20 @@ impl Outage {
         (*streak, *streak == 1)
     }
 
-    fn recovered(&self) {
+    /// Ends the outage, if there was one; returns whether there was.
+    fn recovered(&self) -> bool {
         let ended = self.state.lock().expect("outage lock poisoned").take();
-        if let Some((since, failures)) = ended {
-            metrics::counter!(metric::RECONNECTS, "dependency" => self.what).increment(1);
-            tracing::info!(
-                outage_ms = since.elapsed().as_millis() as u64,
-                failures,
-                "{} available again",
-                self.what
-            );
-        }
+        let Some((since, failures)) = ended else {
+            return false;
+        };
+        metrics::counter!(metric::RECONNECTS, "dependency" => self.what).increment(1);
+        tracing::info!(
+            outage_ms = since.elapsed().as_millis() as u64,
+            failures,
+            "{} available again",
+            self.what
+        );
+        true
     }
 }
 
@@ -145,6 +161,8 @@ enum Done {
     Probed(Result<(), String>),
     /// The summary line or the backlog gauges were written.
     Reported,
+    /// Ended leases that a database crash may have brought back were deleted again.
+    Forgotten,
     Settled {
         lease: Lease,
         /// The first transient or fatal broker error of the batch: pause.
@@ -165,6 +183,19 @@ fn bounded_label(known: &mut HashSet<String>, rendered: String, published: bool)
         return rendered;
     }
     "other".to_owned()
+}
+
+/// Adds `lease`, ended at `now`, to `ended`, dropping leases ended more than
+/// [`ASYNC_COMMIT_WINDOW`] ago and the oldest beyond [`MAX_ENDED_LEASES`].
+fn remember_ended(ended: &mut VecDeque<(Lease, Instant)>, lease: Lease, now: Instant) {
+    while ended
+        .front()
+        .is_some_and(|(_, at)| now.duration_since(*at) > ASYNC_COMMIT_WINDOW)
+        || ended.len() >= MAX_ENDED_LEASES
+    {
+        ended.pop_front();
+    }
+    ended.push_back((lease, now));
 }
 
 /// What transient failures in a batch mean.
@@ -278,6 +309,7 @@ impl Relay {
             )),
             retention: config.retention.clone(),
             destination_labels: Mutex::new(HashSet::new()),
+            ended_leases: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -421,7 +453,9 @@ impl Relay {
                     Done::Claimed(Ok(Claimed { batch: Some(batch), held_back })) => {
                         claiming = false;
                         claim_started = None;
-                        self.database_ok();
+                        if self.database_ok() {
+                            work.push(Box::pin(async { self.forget_ended_leases().await; Done::Forgotten }));
+                        }
                         want_claim = batch.full;
                         recheck_delay = HELD_BACK_RECHECK;
                         if held_back && !want_claim {
@@ -438,7 +472,9 @@ impl Relay {
                     Done::Claimed(Ok(Claimed { batch: None, held_back })) => {
                         claiming = false;
                         claim_started = None;
-                        self.database_ok();
+                        if self.database_ok() {
+                            work.push(Box::pin(async { self.forget_ended_leases().await; Done::Forgotten }));
+                        }
                         if held_back {
                             // Nothing claimable while rows wait for an open transaction: look
                             // again soon, then less often while it stays open (a long batch
@@ -448,6 +484,8 @@ impl Relay {
                         }
                     }
                     Done::Reported => reporting = false,
+                    // Aggregates a crash had locked again may be free.
+                    Done::Forgotten => want_claim = true,
                     Done::Probed(outcome) => {
                         probing = false;
                         match outcome {
@@ -509,14 +547,46 @@ impl Relay {
         }
     }
 
-    fn database_ok(&self) {
-        self.database.recovered();
+    /// Returns whether this ended a database outage.
+    fn database_ok(&self) -> bool {
+        let recovered = self.database.recovered();
         self.health.database(true);
         self.update_ready();
+        recovered
+    }
+
+    /// Deletes again the leases this instance ended shortly before a database outage (see
+    /// `ended_leases`): when the outage was a crash that lost those commits, their rows are
+    /// free at once instead of after `lease_duration` (they are published again: duplicates).
+    async fn forget_ended_leases(&self) {
+        let leases: Vec<Lease> = {
+            let mut ended = self.ended_leases.lock().expect("lease list poisoned");
+            ended.drain(..).map(|(lease, _)| lease).collect()
+        };
+        if leases.is_empty() {
+            return;
+        }
+        match self.store.forget_leases(&leases).await {
+            Ok(0) => {}
+            Ok(back) => tracing::warn!(
+                leases = back,
+                "leases this instance had ended came back with a database crash (asynchronous commit); deleted again, their rows will be published again"
+            ),
+            Err(err) => tracing::warn!(
+                error = %ErrorChain(&err),
+                "cannot check for leases a database crash brought back; any such lease holds its rows until it expires"
+            ),
+        }
+    }
+
+    /// Remembers a lease this instance ended (see `ended_leases`).
+    fn lease_ended(&self, lease: Lease) {
+        let mut ended = self.ended_leases.lock().expect("lease list poisoned");
+        remember_ended(&mut ended, lease, Instant::now());
     }
 
     fn broker_ok(&self) {
-        self.broker.recovered();
+        let _ = self.broker.recovered();
         self.health.broker(None);
         self.update_ready();
     }
@@ -895,6 +965,7 @@ impl Relay {
                 self.store.finish(&acked, batch.lease)
             })
             .await?;
+        self.lease_ended(batch.lease);
         self.stats.published.fetch_add(marked, Ordering::Relaxed);
         self.count_outcomes(batch, &acked, &failures);
         // Every statement above is fenced by the lease: rows it did not touch were taken over
@@ -976,9 +1047,18 @@ impl Relay {
         let mut attempt = 0;
         loop {
             match statement().await {
-                Ok(rows) => return Some(rows),
+                Ok(rows) => {
+                    // The database is back (also when no claim has run since it failed:
+                    // with every batch slot taken by a settling batch, none does).
+                    if attempt > 0 && self.database_ok() {
+                        self.forget_ended_leases().await;
+                    }
+                    return Some(rows);
+                }
                 Err(err) => {
                     attempt += 1;
+                    // An outage like any other: logged once, `/readyz` and the metrics say so.
+                    let _ = self.database_failed(&err);
                     let delay =
                         backoff::delay(attempt, Duration::from_millis(100), Duration::from_secs(5));
                     let expires_in = (lease.until - Utc::now()).to_std().unwrap_or_default();
@@ -1070,8 +1150,12 @@ impl Relay {
 
 #[cfg(test)]
 mod tests {
-    use super::{MAX_DESTINATION_LABELS, Transient, bounded_label, transient_outcome};
-    use std::collections::HashSet;
+    use super::{
+        ASYNC_COMMIT_WINDOW, Lease, MAX_DESTINATION_LABELS, MAX_ENDED_LEASES, Transient,
+        bounded_label, remember_ended, transient_outcome,
+    };
+    use std::collections::{HashSet, VecDeque};
+    use std::time::{Duration, Instant};
 
     #[test]
     fn destination_labels_stay_bounded_and_never_come_from_rejected_rows() {
@@ -1093,6 +1177,35 @@ mod tests {
         assert_eq!(known.len(), MAX_DESTINATION_LABELS);
         assert_eq!(bounded_label(&mut known, "one.more".into(), true), "other");
         assert_eq!(known.len(), MAX_DESTINATION_LABELS);
+    }
+
+    #[test]
+    fn ended_leases_are_remembered_for_the_window_and_up_to_the_bound() {
+        let lease = |id| Lease {
+            id,
+            until: chrono::Utc::now(),
+        };
+        let start = Instant::now();
+        let mut ended = VecDeque::new();
+        remember_ended(&mut ended, lease(1), start);
+        remember_ended(&mut ended, lease(2), start + Duration::from_secs(5));
+        // past the window of the first one only
+        remember_ended(
+            &mut ended,
+            lease(3),
+            start + ASYNC_COMMIT_WINDOW + Duration::from_secs(1),
+        );
+        let ids: Vec<i64> = ended.iter().map(|(l, _)| l.id).collect();
+        assert_eq!(ids, [2, 3]);
+        let later = start + ASYNC_COMMIT_WINDOW * 2;
+        for id in 0..(MAX_ENDED_LEASES as i64 + 10) {
+            remember_ended(&mut ended, lease(id), later);
+        }
+        assert_eq!(ended.len(), MAX_ENDED_LEASES);
+        assert_eq!(
+            ended.back().map(|(l, _)| l.id),
+            Some(MAX_ENDED_LEASES as i64 + 9)
+        );
     }
 
     #[test]
