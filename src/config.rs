@@ -280,14 +280,14 @@ pub struct KafkaConfig {
     #[serde(default = "default_topic")]
     pub topic: String,
     /// librdkafka properties passed through (`compression.type`, `security.protocol`, ...).
-    /// `acks` and `enable.idempotence` cannot be weakened. TOML's dotted keys
+    /// `acks`, `enable.idempotence` and `enable.gapless.guarantee` cannot be weakened. TOML's dotted keys
     /// (`compression.type = "lz4"`) and quoted keys are both accepted; values may be strings,
     /// numbers or booleans.
     #[cfg_attr(test, schemars(with = "BTreeMap<String, String>"))]
     #[serde(default, deserialize_with = "flat_properties")]
     pub properties: BTreeMap<String, String>,
     /// Allows properties that weaken durability or certificate verification (`acks`,
-    /// `enable.idempotence`, `enable.ssl.certificate.verification`, ...). Default false.
+    /// `enable.idempotence`, `enable.gapless.guarantee`, `enable.ssl.certificate.verification`, ...). Default false.
     #[serde(default, rename = "unsafe")]
     pub allow_unsafe: bool,
     /// Allows `security.protocol` plaintext or sasl_plaintext (the former is librdkafka's
