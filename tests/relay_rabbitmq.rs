@@ -237,9 +237,9 @@ async fn an_oversized_row_is_dead_lettered_while_its_neighbours_flow() {
     .await;
 }
 
-/// GIVEN two attempts and a batch holding the row `values` completes (aggregate `big`, seq 0;
-/// after `insert into t (aggregate_type, aggregate_id, event_type, `), its successor, and
-/// ordinary events around them, WHEN the relay runs, THEN the neighbours are delivered, the
+/// GIVEN two attempts and a batch holding a bad row (aggregate `big`, seq 0: `values` ends the
+/// statement `insert into t (aggregate_type, aggregate_id, event_type, `), its successor and
+/// ordinary events around them, WHEN the relay runs, THEN the neighbours are delivered, the bad
 /// row is dead-lettered with `reason` in its error, its successor follows, and nothing of the
 /// row (`never_logged`) reaches the log.
 async fn a_bad_row_is_dead_lettered_while_its_neighbours_flow(

@@ -94,6 +94,8 @@ impl StoreError {
                 "the outbox table lacks a required column or has a wrong type: run `outbox-relay check`",
             ),
             "42501" => Some("the relay's database role lacks a privilege on the outbox table"),
+            // undefined_function: the claim's pg_column_compression is PostgreSQL 14's
+            "42883" => Some("the relay needs PostgreSQL 14 or later: run `outbox-relay check`"),
             _ => None,
         }
     }
@@ -296,8 +298,8 @@ impl Store {
             "select c.id, c.kept, coalesce(c.aggregate_id, '') as aggregate_id, c.attempts,
                     c.deferrals, c.abandoned
              from (
-               -- the byte bound counts the JSON text sent, not the stored (possibly
-               -- compressed) size; the first row is always kept, however large
+               -- the byte bound counts each payload's uncompressed size (see above); the
+               -- first row is always kept, however large
                select r.*,
                       coalesce(sum(r.size) over (order by r.id) - r.size, 0) < $4 as kept
                from (
@@ -778,7 +780,7 @@ impl Store {
     /// Matched on id and expiry, so a lease that took a reused id is left alone. Returns how
     /// many came back.
     pub(crate) async fn forget_leases(&self, leases: &[Lease]) -> Result<u64, StoreError> {
-        self.bounded("release", |pool| async move {
+        self.bounded("forget", |pool| async move {
             let ids: Vec<i64> = leases.iter().map(|l| l.id).collect();
             let until: Vec<DateTime<Utc>> = leases.iter().map(|l| l.until).collect();
             let done = sqlx::query(self.forget_leases.clone())
@@ -786,7 +788,7 @@ impl Store {
                 .bind(&until)
                 .execute(&pool)
                 .await
-                .map_err(StoreError::new("release"))?;
+                .map_err(StoreError::new("forget"))?;
             Ok(done.rows_affected())
         })
         .await

@@ -450,12 +450,23 @@ impl Relay {
                 }
                 // 2. Finished work.
                 Some(done) = work.next(), if !work.is_empty() => match done {
-                    Done::Claimed(Ok(Claimed { batch: Some(batch), held_back })) => {
+                    Done::Claimed(Ok(Claimed { batch, held_back })) => {
                         claiming = false;
                         claim_started = None;
                         if self.database_ok() {
                             work.push(Box::pin(async { self.forget_ended_leases().await; Done::Forgotten }));
                         }
+                        let Some(batch) = batch else {
+                            if held_back {
+                                // Nothing claimable while rows wait for an open transaction:
+                                // look again soon, then less often while it stays open (a long
+                                // batch job writing to the outbox must not draw 200 claims a
+                                // second).
+                                recheck_at = Some(Instant::now() + recheck_delay);
+                                recheck_delay = (recheck_delay * 2).min(self.poll_interval);
+                            }
+                            continue;
+                        };
                         want_claim = batch.full;
                         recheck_delay = HELD_BACK_RECHECK;
                         if held_back && !want_claim {
@@ -468,20 +479,6 @@ impl Relay {
                         }
                         metrics::gauge!(metric::BATCHES_IN_FLIGHT).set(leases.len() as f64);
                         work.push(Box::pin(self.publish_and_settle(batch)));
-                    }
-                    Done::Claimed(Ok(Claimed { batch: None, held_back })) => {
-                        claiming = false;
-                        claim_started = None;
-                        if self.database_ok() {
-                            work.push(Box::pin(async { self.forget_ended_leases().await; Done::Forgotten }));
-                        }
-                        if held_back {
-                            // Nothing claimable while rows wait for an open transaction: look
-                            // again soon, then less often while it stays open (a long batch
-                            // job writing to the outbox must not draw 200 claims a second).
-                            recheck_at = Some(Instant::now() + recheck_delay);
-                            recheck_delay = (recheck_delay * 2).min(self.poll_interval);
-                        }
                     }
                     Done::Reported => reporting = false,
                     // Aggregates a crash had locked again may be free.
@@ -1071,7 +1068,8 @@ impl Relay {
                         return None;
                     }
                     if attempt == 1 {
-                        tracing::warn!(op, error = %ErrorChain(&err), "cannot record the batch outcome, retrying");
+                        // The error itself was logged with the outage, just above.
+                        tracing::debug!(op, error = %ErrorChain(&err), "cannot record the batch outcome, retrying");
                     }
                     tokio::time::sleep(delay).await;
                 }
