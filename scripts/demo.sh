@@ -22,9 +22,9 @@ url = "postgres://postgres@127.0.0.1:5432/$db"
 table = "outbox"
 [relay]
 poll_interval = "1s"
-[sink]
+[broker]
 kind = "kafka"
-[sink.kafka]
+[broker.kafka]
 brokers = "127.0.0.1:9092"
 topic = "demo.{aggregate_type}"
 [log]

@@ -5,15 +5,16 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::outbox::{schema, store};
-use crate::publisher::Sink;
-use crate::relay::{Relay, Stopped};
+use crate::broker::{Broker, Producer};
+use crate::config::{Config, Settings};
+use crate::database::postgres::{self as store, schema};
+use crate::outbox::relay::Stopped;
 use crate::telemetry::{self, ErrorChain};
 
 /// Transactional-outbox relay: publishes PostgreSQL outbox rows to Kafka or RabbitMQ.
@@ -73,14 +74,16 @@ pub fn execute(cli: Cli) -> ExitCode {
         eprintln!("error: no configuration file: pass -c/--config PATH or set OUTBOX_RELAY_CONFIG");
         return ExitCode::from(EXIT_CONFIG);
     };
-    let config = match Config::load(&path) {
-        Ok(config) => config,
+    let mut config = match Config::load(&path) {
+        Ok(settings) => settings,
         Err(err) => {
             eprintln!("error: {} ({})", ErrorChain(&err), path.display());
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    telemetry::init(&config.log);
+    if let Some(log) = config.log.take() {
+        telemetry::init(log);
+    }
     // One thread runs every task and polls the sockets: the relay's pipeline is one task, and
     // the brokers' clients run their own I/O threads. A second worker only added cross-thread
     // wake-ups (measured: Kafka drain 39-41k -> 49k events/s on 2 cores shared with
@@ -127,16 +130,25 @@ pub fn execute(cli: Cli) -> ExitCode {
     ExitCode::from(code)
 }
 
-async fn run(config: &Config) -> u8 {
-    let relay = match Relay::new(config) {
-        Ok(relay) => relay,
-        Err(err) => {
-            eprintln!("error: {}", ErrorChain(&err));
-            return EXIT_CONFIG;
-        }
+/// Builds the broker client; `None` (reported) when it cannot be created.
+fn broker(config: &Settings) -> Option<Broker> {
+    crate::outbox::broker(config)
+        .map_err(|err| {
+            eprintln!(
+                "error: cannot create the Kafka producer: {}",
+                ErrorChain(&err)
+            )
+        })
+        .ok()
+}
+
+async fn run(config: &Settings) -> u8 {
+    let Some(broker) = broker(config) else {
+        return EXIT_RUNTIME;
     };
+    let health = crate::outbox::health(config);
     let shutdown = CancellationToken::new();
-    let signals = match crate::shutdown::on_signal(shutdown.clone()) {
+    let signals = match crate::runtime::shutdown::on_signal(shutdown.clone()) {
         Ok(task) => task,
         Err(err) => {
             tracing::error!(error = %err, "cannot install signal handlers");
@@ -145,9 +157,9 @@ async fn run(config: &Config) -> u8 {
     };
     // The HTTP listener stops after the relay, so /readyz and /metrics answer during shutdown.
     let http_stop = CancellationToken::new();
-    let http = match &config.http {
+    let http = match config.http {
         None => None,
-        Some(http) => {
+        Some(listen) => {
             let metrics = match crate::telemetry::install_metrics() {
                 Ok(handle) => handle,
                 Err(err) => {
@@ -155,18 +167,18 @@ async fn run(config: &Config) -> u8 {
                     return EXIT_RUNTIME;
                 }
             };
-            match crate::health::serve(http.listen, relay.health(), metrics, http_stop.clone())
+            match crate::health::serve(listen, Arc::clone(&health), metrics, http_stop.clone())
                 .await
             {
                 Ok(server) => Some(tokio::spawn(server)),
                 Err(err) => {
-                    tracing::error!(error = %err, listen = %http.listen, "cannot start the http listener");
+                    tracing::error!(error = %err, listen = %listen, "cannot start the http listener");
                     return EXIT_RUNTIME;
                 }
             }
         }
     };
-    let stopped = relay.run(shutdown).await;
+    let stopped = crate::outbox::run(config, broker, health, shutdown).await;
     signals.abort();
     http_stop.cancel();
     if let Some(http) = http {
@@ -182,11 +194,10 @@ async fn run(config: &Config) -> u8 {
     }
 }
 
-async fn connect(config: &Config) -> Result<sqlx::PgConnection, String> {
-    let options =
-        store::connect_options(&config.database).map_err(|_| "invalid database.url".to_owned())?;
-    let target = describe_database(&options);
-    match tokio::time::timeout(CONNECT_TIMEOUT, schema::connect(&options)).await {
+async fn connect(config: &Settings) -> Result<sqlx::PgConnection, String> {
+    let options = &config.database.connect;
+    let target = describe_database(options);
+    match tokio::time::timeout(CONNECT_TIMEOUT, schema::connect(options)).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(err)) => Err(format!(
             "cannot connect to the database at {target}: {}",
@@ -200,7 +211,7 @@ async fn connect(config: &Config) -> Result<sqlx::PgConnection, String> {
 }
 
 /// Connects, or prints why not (for the one-shot commands).
-async fn connect_or_report(config: &Config) -> Option<sqlx::PgConnection> {
+async fn connect_or_report(config: &Settings) -> Option<sqlx::PgConnection> {
     connect(config)
         .await
         .map_err(|message| eprintln!("error: {message}"))
@@ -218,8 +229,8 @@ fn describe_database(options: &sqlx::postgres::PgConnectOptions) -> String {
     )
 }
 
-async fn migrate(config: &Config) -> u8 {
-    let table = config.table();
+async fn migrate(config: &Settings) -> u8 {
+    let table = &config.database.table;
     let Some(mut conn) = connect_or_report(config).await else {
         return EXIT_RUNTIME;
     };
@@ -228,7 +239,7 @@ async fn migrate(config: &Config) -> u8 {
     } else {
         "dropped"
     };
-    match schema::migrate(&mut conn, &table, config.database.notify_trigger).await {
+    match schema::migrate(&mut conn, table, config.database.notify_trigger).await {
         Ok(done) if done.applied.is_empty() => {
             println!(
                 "table {table}: up to date (schema version {}); notify trigger {trigger}",
@@ -255,18 +266,12 @@ async fn migrate(config: &Config) -> u8 {
     }
 }
 
-async fn status(config: &Config, json: bool) -> u8 {
-    let table = config.table();
+async fn status(config: &Settings, json: bool) -> u8 {
+    let table = &config.database.table;
     let Some(mut conn) = connect_or_report(config).await else {
         return EXIT_RUNTIME;
     };
-    match store::status(
-        &mut conn,
-        &table,
-        config.retry.on_dead_letter == crate::config::OnDeadLetter::Park,
-    )
-    .await
-    {
+    match store::status(&mut conn, table, config.retry.parks()).await {
         Ok(status) if json => {
             println!(
                 "{}",
@@ -309,12 +314,12 @@ async fn status(config: &Config, json: bool) -> u8 {
     }
 }
 
-async fn requeue(config: &Config, which: &store::Requeue) -> u8 {
-    let table = config.table();
+async fn requeue(config: &Settings, which: &store::Requeue) -> u8 {
+    let table = &config.database.table;
     let Some(mut conn) = connect_or_report(config).await else {
         return EXIT_RUNTIME;
     };
-    match store::requeue(&mut conn, &table, which).await {
+    match store::requeue(&mut conn, table, which).await {
         Ok(rows) => {
             println!("table {table}: requeued {rows} dead-lettered row(s)");
             0
@@ -326,23 +331,21 @@ async fn requeue(config: &Config, which: &store::Requeue) -> u8 {
     }
 }
 
-async fn check(config: &Config) -> u8 {
-    let table = config.table();
-    println!("config: ok (table {table}, sink {:?})", config.sink.kind);
-    let relay = match Relay::new(config) {
-        Ok(relay) => relay,
-        Err(err) => {
-            eprintln!("error: {}", ErrorChain(&err));
-            return EXIT_CONFIG;
-        }
+async fn check(config: &Settings) -> u8 {
+    let table = &config.database.table;
+    let Some(broker) = broker(config) else {
+        return EXIT_RUNTIME;
     };
+    println!("config: ok (table {table}, broker {})", broker.name());
     let mut healthy = true;
 
     match connect(config).await {
         Ok(mut conn) => {
-            let options = store::connect_options(&config.database).expect("connected above");
-            println!("database: connected to {}", describe_database(&options));
-            match schema::inspect(&mut conn, &table).await {
+            println!(
+                "database: connected to {}",
+                describe_database(&config.database.connect)
+            );
+            match schema::inspect(&mut conn, table).await {
                 Ok(found) => {
                     println!("{found}");
                     if !found.is_usable() {
@@ -368,8 +371,8 @@ async fn check(config: &Config) -> u8 {
         }
     }
 
-    match relay.sink() {
-        Sink::Kafka(kafka) => match kafka.probe(CONNECT_TIMEOUT).await {
+    match &broker {
+        Broker::Kafka(kafka) => match kafka.probe(CONNECT_TIMEOUT).await {
             Ok(brokers) => println!(
                 "kafka: reachable, {} broker(s): {}",
                 brokers.len(),
@@ -380,8 +383,8 @@ async fn check(config: &Config) -> u8 {
                 healthy = false;
             }
         },
-        Sink::Discard => println!("sink: discard (nothing is sent; rows are only marked)"),
-        Sink::RabbitMq(rabbit) => match rabbit.probe(CONNECT_TIMEOUT).await {
+        Broker::Discard => println!("broker: discard (nothing is sent; rows are only marked)"),
+        Broker::RabbitMq(rabbit) => match rabbit.probe(CONNECT_TIMEOUT).await {
             Ok(()) => println!("rabbitmq: reachable, confirm channel open"),
             Err(err) => {
                 eprintln!("error: rabbitmq not reachable: {}", ErrorChain(&err));

@@ -20,7 +20,18 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
+
+/// `[http]`
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of the listener serving `/healthz`, `/readyz` and `/metrics`, e.g. `0.0.0.0:9187`.
+    #[cfg_attr(test, schemars(with = "String"))]
+    pub listen: SocketAddr,
+}
 
 /// What the relay reports about itself, read by `/readyz`.
 #[derive(Debug)]

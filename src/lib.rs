@@ -6,27 +6,38 @@
 //! each row only after the broker acknowledged it. See the README for the guarantees.
 //!
 //! # Layout
+//! One module per domain noun; each component owns its configuration section.
 //! - [`cli`]: the `outbox-relay` command line (`run`, `migrate`, `check`, `status`, `requeue`)
-//!   and exit codes.
-//! - [`config`]: the TOML + environment configuration, its defaults and validation.
-//! - [`health`]: the optional HTTP listener: `/healthz`, `/readyz`, `/metrics`.
-//! - `outbox`: the outbox table: its validated name, rows, every SQL statement (claim with the
-//!   commit-order guard, mark, retry, release, retention), `migrate`, the schema check, and the
-//!   LISTEN wake-up task.
-//! - `publisher`: the delivery contract (`publisher::Publisher`) and the sinks (Kafka,
-//!   RabbitMQ, discard), including copies to the dead-letter destination.
-//! - [`relay`]: the main loop: claim → publish → settle, pipelined; backoff, outage handling,
-//!   crash suspects, dead letters.
-//! - `retention`: bounded deletion of old published (and dead) rows, one instance at a time.
-//! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token.
-//! - [`telemetry`]: logging, metric names and the Prometheus recorder, error-chain display.
+//!   and exit codes; the composition root.
+//! - [`config`]: the file as written, its loading and secret files, and the typed
+//!   `Settings` it is parsed into once; `config::constraint` is the shared validation
+//!   vocabulary (the error naming a key).
+//! - `database`: one module per database family. `database::postgres`: the outbox
+//!   statements (claim with the commit-order guard, mark, retry, release, retention), the
+//!   connection pool, `[database]`, the table name, `migrate` and the schema check, and the
+//!   LISTEN wake-up task. `database::DatabaseError` is what every family's operations report.
+//! - `broker`: the brokers. `broker::Producer` is the delivery contract when producing, with
+//!   one `Outcome` per row and the hold-back of an aggregate's later rows written once;
+//!   `broker::Broker` is the closed set dispatched at the edge. `broker::kafka` and
+//!   `broker::rabbitmq` each hold the producer, the error classification and their
+//!   configuration section (Kafka's property policy included); `broker::template` renders
+//!   destinations. Consuming (the inbox) goes beside producing.
+//! - `outbox`: the outbox direction. `outbox::store::Store` is what it needs from a database;
+//!   `outbox::relay` the loop (claim → publish → settle, pipelined, its state in one struct);
+//!   `outbox::settlement` the pure decisions about a published batch; `outbox::dead_letter`,
+//!   `outbox::retention`, and `outbox::config` (`[relay]`, `[retry]`, `[retention]`).
+//!   The inbox direction goes beside it.
+//! - [`runtime`]: what both directions use: backoff, outage bookkeeping, and
+//!   [`runtime::shutdown`] (SIGTERM/SIGINT to a cancellation token).
+//! - [`health`]: the optional HTTP listener (`[http]`): `/healthz`, `/readyz`, `/metrics`.
+//! - [`telemetry`]: logging (`[log]`), metric names and the Prometheus recorder, error-chain
+//!   display.
 
+pub(crate) mod broker;
 pub mod cli;
 pub mod config;
+pub(crate) mod database;
 pub mod health;
 pub(crate) mod outbox;
-pub(crate) mod publisher;
-pub mod relay;
-pub(crate) mod retention;
-pub mod shutdown;
+pub mod runtime;
 pub mod telemetry;

@@ -6,33 +6,96 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogConfig, LogFormat};
+use serde::Deserialize;
 
-/// Installs the global subscriber. Logs go to stderr; command output (`check`, `migrate`) goes
-/// to stdout.
-pub fn init(config: &LogConfig) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| {
-            // sqlx reports server notices ("already exists, skipping") at info: keep them quiet
-            // unless the user asks for sqlx explicitly.
-            // lapin logs channel closes itself at error; the relay logs them once, with context.
-            let mut level = config.level.clone();
-            if !level.contains("sqlx") {
-                level.push_str(",sqlx=warn");
-            }
-            if !level.contains("lapin") {
-                level.push_str(",lapin=off");
-            }
-            EnvFilter::try_new(level)
+use crate::config::constraint::{ConfigError, invalid};
+
+/// `[log]`
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `json` or `text`. Default `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `outbox_relay=debug`); `RUST_LOG` overrides it. Default `info`.
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+fn default_level() -> String {
+    "info".to_owned()
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::default(),
+            level: default_level(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line (for log shippers).
+    #[default]
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+/// `[log]`, parsed.
+#[derive(Debug)]
+pub struct LogSettings {
+    pub(crate) format: LogFormat,
+    /// `log.level` with the relay's quieting of sqlx and lapin added.
+    pub(crate) filter: EnvFilter,
+}
+
+impl LogConfig {
+    /// Checks the section and parses the filter.
+    pub(crate) fn validate(&self) -> Result<LogSettings, ConfigError> {
+        if self.level.trim().is_empty() {
+            return Err(invalid("log.level", "must not be empty"));
+        }
+        // sqlx reports server notices ("already exists, skipping") at info: keep them quiet
+        // unless the user asks for sqlx explicitly.
+        // lapin logs channel closes itself at error; the relay logs them once, with context.
+        let mut level = self.level.clone();
+        if !level.contains("sqlx") {
+            level.push_str(",sqlx=warn");
+        }
+        if !level.contains("lapin") {
+            level.push_str(",lapin=off");
+        }
+        let filter = EnvFilter::try_new(level).map_err(|_| {
+            invalid(
+                "log.level",
+                "must be a tracing filter such as \"info\" or \"outbox_relay=debug,warn\"",
+            )
+        })?;
+        Ok(LogSettings {
+            format: self.format,
+            filter,
         })
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    }
+}
+
+/// Installs the global subscriber, filtered by `RUST_LOG` when set, else by `log.level`. Logs
+/// go to stderr; command output (`check`, `migrate`) goes to stdout.
+pub fn init(settings: LogSettings) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or(settings.filter);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     // A second init (tests) keeps the first subscriber.
-    let _ = match config.format {
+    let _ = match settings.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };

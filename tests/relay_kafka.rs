@@ -196,7 +196,7 @@ async fn rejected_rows_are_retried_with_backoff_then_dead_lettered_while_others_
 async fn destinations_outside_the_allow_list_are_dead_lettered() {
     // GIVEN a relay allowed to publish only to its `order` topic, and events of two types
     let mut outbox = Outbox::new().await;
-    outbox.sink.insert(
+    outbox.broker_keys.insert(
         "allowed_destinations",
         format!("[\"{}\"]", outbox.topic("order")),
     );
@@ -219,7 +219,7 @@ async fn destinations_outside_the_allow_list_are_dead_lettered() {
         .await
         .unwrap()
         .flatten()
-        .is_some_and(|e| e.contains("not in sink.allowed_destinations"))
+        .is_some_and(|e| e.contains("not in broker.allowed_destinations"))
     })
     .await;
 }
@@ -229,7 +229,7 @@ async fn dead_letters_are_copied_to_the_dead_letter_topic_with_the_reason() {
     // GIVEN a relay allowed to publish to its `order` and `dead` topics, copying dead letters
     // to `dead`, and an event that renders a foreign topic
     let mut outbox = Outbox::new().await;
-    outbox.sink.insert(
+    outbox.broker_keys.insert(
         "allowed_destinations",
         format!(
             "[\"{}\", \"{}\"]",
@@ -267,7 +267,7 @@ async fn dead_letters_are_copied_to_the_dead_letter_topic_with_the_reason() {
     assert_eq!(copy.seq(), 0, "the original payload");
     assert!(
         copy.header("dead_letter_error")
-            .contains("not in sink.allowed_destinations"),
+            .contains("not in broker.allowed_destinations"),
         "{copy:?}"
     );
     assert_eq!(copy.header("dead_letter_attempts"), "1");

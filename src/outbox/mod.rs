@@ -1,94 +1,128 @@
-//! The outbox table: its name, its rows, and every SQL statement the relay runs against it.
-//!
-//! All SQL lives in this module ([`store`], [`schema`]) so it can be read in one place; the table
-//! name is configurable, so statements are rendered once at start-up from a validated, quoted
-//! [`Table`] and then reused as prepared statements.
+//! The outbox direction: rows written by the application are claimed, published to the broker
+//! and settled. This module holds its domain types and [`run`], which puts it together for one
+//! process; [`relay`] runs the loop, [`settlement`] decides what a published batch's outcomes
+//! mean, [`dead_letter`] builds the copies sent to the dead-letter destination, [`retention`]
+//! deletes old rows, [`store`] is what the direction needs from a database, and [`config`]
+//! holds its sections (`[relay]`, `[retry]`, `[retention]`).
 
-pub(crate) mod listener;
-pub(crate) mod schema;
+pub(crate) mod config;
+pub(crate) mod dead_letter;
+pub(crate) mod relay;
+pub(crate) mod retention;
+pub(crate) mod settlement;
 pub(crate) mod store;
 
-use std::fmt;
+pub(crate) use store::Store;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// The longest suffix a companion object adds to the table's name (`_aggregate_pending_idx`).
-const LONGEST_SUFFIX: usize = "_aggregate_pending_idx".len();
-/// The longest table name whose companion names stay within PostgreSQL's 63 bytes: longer ones
-/// would be cut there, and two tables could then share an index or lease table name.
-const MAX_NAME: usize = 63 - LONGEST_SUFFIX;
+use crate::broker::Broker;
+use crate::config::Settings;
+use crate::database::postgres::{Connections, Postgres, listener};
+use crate::health::Health;
+use config::OnDeadLetter;
+use relay::{Relay, Stopped};
+use store::ClaimRules;
 
-/// A validated outbox table name, optionally schema-qualified (`billing.outbox`).
-///
-/// Parts must match `[a-z_][a-z0-9_]*` (so the quoted form can be put into SQL text safely),
-/// the schema at most 63 characters, the name at most [`MAX_NAME`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Table {
-    schema: Option<String>,
-    name: String,
+/// Runs the outbox direction until `shutdown`: the relay loop over the configured database
+/// and `broker`, with the LISTEN wake-up task (when `relay.listen`) and retention beside it,
+/// stopped when the loop ends. No connection is made before the loop's first claim.
+pub(crate) async fn run(
+    settings: &Settings,
+    broker: Broker,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> Stopped {
+    let database = &settings.database;
+    let table = &database.table;
+    let store = Postgres::new(
+        Connections::new(database),
+        database.statement_timeout,
+        table,
+        ClaimRules {
+            park_dead: settings.retry.on_dead_letter == OnDeadLetter::Park,
+            commit_order_guard: settings.relay.commit_order_guard,
+            max_batch_bytes: settings.relay.max_batch_bytes,
+        },
+    );
+    tracing::info!(
+        table = %table,
+        sink = %broker,
+        batch_size = settings.relay.batch_size,
+        max_in_flight_batches = settings.relay.max_in_flight_batches,
+        "relay started"
+    );
+    if matches!(broker, Broker::Discard) {
+        tracing::warn!(
+            "broker.kind = \"discard\": rows are marked published without being sent anywhere"
+        );
+    }
+    let wakeup = Arc::new(Notify::new());
+    let tasks_stop = shutdown.child_token();
+    // LISTEN has a one-connection pool of its own, so the claims never lose one to it.
+    let listener = settings.relay.listen.then(|| {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(database.connect.clone());
+        tokio::spawn(listener::run(
+            pool,
+            table.clone(),
+            Arc::clone(&wakeup),
+            tasks_stop.clone(),
+        ))
+    });
+    let retention = tokio::spawn(retention::run(
+        store.clone(),
+        settings.retention.clone(),
+        tasks_stop.clone(),
+    ));
+
+    let relay = Relay::new(
+        store,
+        broker,
+        settings.relay.clone(),
+        settings.retry.clone(),
+        health,
+        wakeup,
+    );
+    let stopped = relay.run(&shutdown).await;
+
+    tasks_stop.cancel();
+    if let Err(err) = retention.await {
+        tracing::error!(error = %err, "retention task failed");
+    }
+    if let Some(listener) = listener {
+        if let Err(err) = listener.await {
+            tracing::error!(error = %err, "listener task failed");
+        }
+    }
+    stopped
 }
 
-impl Table {
-    /// Parses `name` or `schema.name`; the error is the constraint that was broken.
-    pub fn parse(raw: &str) -> Result<Self, &'static str> {
-        const CONSTRAINT: &str = "must be `name` or `schema.name`, each part matching [a-z_][a-z0-9_]*, the schema at most 63 and the name at most 41 characters (its companion objects add up to 22: `<name>_aggregate_pending_idx`, and PostgreSQL cuts names at 63 bytes)";
-        let mut parts = raw.split('.');
-        let (schema, name) = match (parts.next(), parts.next(), parts.next()) {
-            (Some(name), None, None) => (None, name),
-            (Some(schema), Some(name), None) => (Some(schema), name),
-            _ => return Err(CONSTRAINT),
-        };
-        let valid = |part: &str, max: usize| {
-            let mut chars = part.chars();
-            matches!(chars.next(), Some('a'..='z' | '_'))
-                && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
-                && part.len() <= max
-        };
-        if !valid(name, MAX_NAME) || !schema.is_none_or(|s| valid(s, 63)) {
-            return Err(CONSTRAINT);
-        }
-        Ok(Self {
-            schema: schema.map(str::to_owned),
-            name: name.to_owned(),
-        })
-    }
-
-    /// The quoted, possibly qualified name to put into SQL: `"billing"."outbox"`.
-    pub(crate) fn quoted(&self) -> String {
-        match &self.schema {
-            Some(schema) => format!("\"{schema}\".\"{}\"", self.name),
-            None => format!("\"{}\"", self.name),
-        }
-    }
-
-    /// The quoted name of a companion object (index, trigger, function) in the table's schema.
-    pub(crate) fn companion(&self, suffix: &str) -> String {
-        let name = format!("{}_{suffix}", self.name);
-        match &self.schema {
-            Some(schema) => format!("\"{schema}\".\"{name}\""),
-            None => format!("\"{name}\""),
-        }
-    }
-
-    /// The bare relation name, without schema.
-    pub(crate) fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The schema given in the configuration, if any.
-    pub(crate) fn schema(&self) -> Option<&str> {
-        self.schema.as_deref()
-    }
+/// Readiness and liveness for the outbox direction, from its settings.
+pub(crate) fn health(settings: &Settings) -> Arc<Health> {
+    Arc::new(Health::new(
+        settings.relay.poll_interval,
+        Health::wedged_after(
+            settings.relay.lease_duration,
+            settings.database.statement_timeout,
+        ),
+    ))
 }
 
-impl fmt::Display for Table {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.schema {
-            Some(schema) => write!(f, "{schema}.{}", self.name),
-            None => f.write_str(&self.name),
-        }
-    }
+/// The broker the outbox publishes to, named to the broker after `table`.
+pub(crate) fn broker(settings: &Settings) -> Result<Broker, rdkafka::error::KafkaError> {
+    Broker::new(
+        &settings.broker,
+        format!("outbox-relay {}", settings.database.table),
+    )
 }
 
 /// One claimed outbox row, as the publishers see it.
@@ -126,6 +160,28 @@ pub struct OutboxRow {
     pub abandoned: bool,
 }
 
+#[cfg(test)]
+impl OutboxRow {
+    /// A row for unit tests: event `order`/`placed` of aggregate `aggregate_id`, first attempt,
+    /// event id derived from `id`, empty payload and headers.
+    pub(crate) fn sample(id: i64, aggregate_id: &str) -> Self {
+        Self {
+            id,
+            event_id: Uuid::from_u128(id.unsigned_abs().into()),
+            aggregate_type: "order".into(),
+            aggregate_id: aggregate_id.into(),
+            event_type: "placed".into(),
+            payload: "{}".into(),
+            headers: "{}".into(),
+            created_at: Utc::now(),
+            null_columns: Vec::new(),
+            attempts: 1,
+            deferrals: 0,
+            abandoned: false,
+        }
+    }
+}
+
 /// The fencing token of one claim: the id of its row in the lease table (migration 0005), and
 /// when it expires. Statements that settle rows only act while that lease row exists; once it
 /// expired and another claim reaped it (the rows may have been claimed again), they change
@@ -144,57 +200,4 @@ pub(crate) struct Batch {
     /// The claim returned as many rows as it asked for (some perhaps cut by
     /// `relay.max_batch_bytes`): more rows may be due now.
     pub(crate) full: bool,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Table;
-
-    #[test]
-    fn companion_names_of_the_longest_table_name_fit_postgresql() {
-        let longest = "t".repeat(super::MAX_NAME);
-        let table = Table::parse(&longest).unwrap();
-        for suffix in [
-            "pending_idx",
-            "aggregate_pending_idx",
-            "waiting_idx",
-            "dead_idx",
-            "published_idx",
-            "leases",
-            "relay_notify",
-            "uuidv7",
-        ] {
-            let name = table.companion(suffix);
-            assert!(name.trim_matches('"').len() <= 63, "{name}");
-        }
-    }
-
-    #[test]
-    fn table_names_are_validated_and_quoted() {
-        assert_eq!(Table::parse("outbox").unwrap().quoted(), "\"outbox\"");
-        assert_eq!(
-            Table::parse("billing.outbox").unwrap().quoted(),
-            "\"billing\".\"outbox\""
-        );
-        assert_eq!(
-            Table::parse("billing.outbox")
-                .unwrap()
-                .companion("pending_idx"),
-            "\"billing\".\"outbox_pending_idx\""
-        );
-        for bad in [
-            "",
-            "Outbox",
-            "out-box",
-            "a.b.c",
-            "1outbox",
-            "outbox;drop",
-            "a.",
-            ".a",
-            "x\"y",
-            &"t".repeat(42),
-        ] {
-            assert!(Table::parse(bad).is_err(), "{bad:?} must be refused");
-        }
-    }
 }

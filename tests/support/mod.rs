@@ -109,7 +109,7 @@ where
     }
 }
 
-/// The sink a test runs against.
+/// The broker a test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Broker {
     Kafka,
@@ -133,13 +133,13 @@ pub struct Outbox {
     pub kafka: BTreeMap<&'static str, String>,
     pub kafka_properties: BTreeMap<&'static str, String>,
     pub rabbitmq: BTreeMap<&'static str, String>,
-    /// `[sink.rabbitmq.tls]` keys; the section is written only when some are set.
+    /// `[broker.rabbitmq.tls]` keys; the section is written only when some are set.
     pub rabbitmq_tls: BTreeMap<&'static str, String>,
     /// `[http] listen` address, when set.
     pub http: Option<std::net::SocketAddr>,
     pub retention: BTreeMap<&'static str, String>,
-    /// Extra `[sink]` keys.
-    pub sink: BTreeMap<&'static str, String>,
+    /// Extra `[broker]` keys.
+    pub broker_keys: BTreeMap<&'static str, String>,
     pub dir: tempfile::TempDir,
     /// Held for the test's duration: shared for ordinary RabbitMQ tests, exclusive for tests
     /// that restart or reconfigure the broker.
@@ -160,7 +160,7 @@ impl Outbox {
         outbox
     }
 
-    /// Switches the sink; RabbitMQ tests share the broker unless `exclusive_rabbitmq` is called.
+    /// Switches the broker; RabbitMQ tests share the broker unless `exclusive_rabbitmq` is called.
     pub async fn set_broker(&mut self, broker: Broker) {
         self.broker = broker;
         if broker == Broker::RabbitMq && self._rabbit_guard.is_none() {
@@ -239,7 +239,7 @@ impl Outbox {
             rabbitmq_tls: BTreeMap::new(),
             http: None,
             retention: BTreeMap::new(),
-            sink: BTreeMap::new(),
+            broker_keys: BTreeMap::new(),
             _rabbit_guard: None,
             database_url: url,
             pool,
@@ -295,14 +295,17 @@ impl Outbox {
             ),
             section("relay", &self.relay),
             section("retry", &self.retry),
-            format!("{}\"kind\" = \"{kind}\"\n", section("sink", &self.sink)),
-            section("sink.kafka", &kafka),
-            section("sink.kafka.properties", &self.kafka_properties),
-            section("sink.rabbitmq", &rabbitmq),
+            format!(
+                "{}\"kind\" = \"{kind}\"\n",
+                section("broker", &self.broker_keys)
+            ),
+            section("broker.kafka", &kafka),
+            section("broker.kafka.properties", &self.kafka_properties),
+            section("broker.rabbitmq", &rabbitmq),
             if self.rabbitmq_tls.is_empty() {
                 String::new()
             } else {
-                section("sink.rabbitmq.tls", &self.rabbitmq_tls)
+                section("broker.rabbitmq.tls", &self.rabbitmq_tls)
             },
             section("retention", &self.retention),
             "[log]\nformat = \"text\"\nlevel = \"info,outbox_relay=debug\"\n".to_owned(),

@@ -14,39 +14,39 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (
         1,
         "outbox",
-        include_str!("../../migrations/0001_outbox.sql"),
+        include_str!("../../../migrations/0001_outbox.sql"),
     ),
     (
         2,
         "waiting_index",
-        include_str!("../../migrations/0002_waiting_index.sql"),
+        include_str!("../../../migrations/0002_waiting_index.sql"),
     ),
     (
         3,
         "dead_index",
-        include_str!("../../migrations/0003_dead_index.sql"),
+        include_str!("../../../migrations/0003_dead_index.sql"),
     ),
     (
         4,
         "published_index",
-        include_str!("../../migrations/0004_published_index.sql"),
+        include_str!("../../../migrations/0004_published_index.sql"),
     ),
     (5, "leases", LEASE_TABLE),
     (
         6,
         "event_id_uuidv7",
-        include_str!("../../migrations/0006_event_id_uuidv7.sql"),
+        include_str!("../../../migrations/0006_event_id_uuidv7.sql"),
     ),
     (
         7,
         "row_state",
-        include_str!("../../migrations/0007_row_state.sql"),
+        include_str!("../../../migrations/0007_row_state.sql"),
     ),
 ];
 
 /// Migration 0005. The lease table holds only the relay's own state, so `migrate` also creates
 /// it on every run when it is missing (dropped, or a table adopted at version 5 without it).
-const LEASE_TABLE: &str = include_str!("../../migrations/0005_leases.sql");
+const LEASE_TABLE: &str = include_str!("../../../migrations/0005_leases.sql");
 
 /// Renders a migration for `table`: every placeholder becomes a validated, quoted identifier.
 fn render(sql: &str, table: &Table) -> String {

@@ -9,15 +9,15 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::RetentionConfig;
-use crate::outbox::store::Store;
+use super::Store;
+use super::config::RetentionConfig;
 use crate::telemetry::{ErrorChain, metric};
 
 /// Pause between two delete batches of one round.
 const BETWEEN_BATCHES: Duration = Duration::from_millis(20);
 
 /// Runs until `shutdown`; does nothing when both retention periods are off.
-pub(crate) async fn run(store: Store, config: RetentionConfig, shutdown: CancellationToken) {
+pub(crate) async fn run<S: Store>(store: S, config: RetentionConfig, shutdown: CancellationToken) {
     let targets: Vec<(&'static str, bool, Duration)> = [
         ("published", false, config.published),
         ("dead", true, config.dead),

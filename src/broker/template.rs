@@ -70,20 +70,7 @@ mod tests {
     use crate::outbox::OutboxRow;
 
     fn row() -> OutboxRow {
-        OutboxRow {
-            id: 1,
-            event_id: uuid::Uuid::nil(),
-            aggregate_type: "order".into(),
-            aggregate_id: "42".into(),
-            event_type: "placed".into(),
-            payload: "{}".into(),
-            headers: "{}".into(),
-            created_at: chrono::Utc::now(),
-            attempts: 1,
-            deferrals: 0,
-            null_columns: Vec::new(),
-            abandoned: false,
-        }
+        OutboxRow::sample(1, "42")
     }
 
     #[test]

@@ -1,15 +1,19 @@
-//! Publishing claimed rows to a broker, and the delivery contract every sink keeps.
+//! The brokers: producing the outbox's rows as messages now, consuming into an inbox next.
 //!
-//! The set of sinks is closed, so [`Sink`] is an enum; the [`Publisher`] trait states the contract
-//! and each sink implements it.
+//! The set of brokers is closed, so [`Broker`] is an enum dispatched here, at the edge; the
+//! [`Producer`] trait states the delivery contract every broker keeps when producing, and is
+//! the seam the outbox relay is written against. Each broker's module owns its configuration
+//! section and its error classification.
 
+pub(crate) mod config;
 pub(crate) mod kafka;
 pub(crate) mod rabbitmq;
 pub(crate) mod template;
 
+use config::BrokerSettings;
 use template::Template;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::time::Duration;
@@ -69,10 +73,6 @@ pub(crate) enum PublishError {
     /// The row's `headers` column is not a JSON object.
     #[error("headers column is not a JSON object")]
     InvalidHeaders,
-    /// An earlier row of the same aggregate in this batch was not published, so this one was
-    /// held back to keep the aggregate's order.
-    #[error("held back behind an earlier event of the same aggregate")]
-    HeldBack,
     /// The Kafka producer reported an error for this message.
     #[error("kafka delivery failed")]
     Kafka {
@@ -105,10 +105,6 @@ pub(crate) enum PublishError {
     /// The exchange does not exist (and is not declared by the relay).
     #[error("exchange {exchange:?} does not exist")]
     ExchangeNotFound { exchange: String },
-    /// Not sent, or sent but unconfirmed, because the channel failed on another message of the
-    /// batch; sent again on a fresh channel.
-    #[error("not confirmed: the channel closed because of another message")]
-    NotSent,
 }
 
 impl PublishError {
@@ -125,70 +121,196 @@ impl PublishError {
             // A nack is the broker's answer for this message's queue (reject-publish
             // overflow), not an outage.
             Self::Nacked => ErrorClass::Destination,
-            Self::HeldBack | Self::NotSent | Self::ProducerClosed | Self::ConfirmTimeout => {
-                ErrorClass::Transient
-            }
+            Self::ProducerClosed | Self::ConfirmTimeout => ErrorClass::Transient,
             Self::Kafka { class, .. } | Self::Amqp { class, .. } => *class,
         }
     }
+}
 
-    /// The row did not fail itself: it was held back or caught up in another row's failure.
-    /// It is given back without an attempt and without pausing the relay.
-    pub(crate) fn is_collateral(&self) -> bool {
-        matches!(self, Self::HeldBack | Self::NotSent)
-    }
+/// What became of one row given to [`Producer::publish`].
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// The broker durably took the message (see the delivery contract).
+    Acked,
+    /// The message failed; the error's class says what the relay does about it.
+    Failed(PublishError),
+    /// Not attempted, or sent with its fate unknown, because of another row: given back
+    /// without using an attempt and without pausing the relay.
+    NotAttempted(NotAttempted),
+}
+
+/// Why a row was not attempted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NotAttempted {
+    /// An earlier row of its aggregate in this batch failed before reaching the wire: sending
+    /// this one would let it overtake that row ([`HoldBack`]).
+    HeldBack,
+    /// The channel it was (or would have been) sent on was closed by another message's
+    /// failure; it goes out again on a fresh channel.
+    ChannelLost,
 }
 
 /// The outcome of publishing one batch: one entry per row, in the order of the rows given.
-pub(crate) type Outcomes = Vec<Result<(), PublishError>>;
+pub(crate) type Outcomes = Vec<Outcome>;
 
-/// A broker the relay publishes to.
+impl From<Result<(), PublishError>> for Outcome {
+    fn from(result: Result<(), PublishError>) -> Self {
+        match result {
+            Ok(()) => Self::Acked,
+            Err(err) => Self::Failed(err),
+        }
+    }
+}
+
+/// Keeps an aggregate's order within a batch, for every broker: once a row failed before it
+/// reached the wire, the later rows of its aggregate are not sent.
+#[derive(Debug, Default)]
+pub(crate) struct HoldBack<'r> {
+    /// Aggregates with a row that failed before reaching the wire.
+    stopped: HashSet<&'r str>,
+}
+
+impl<'r> HoldBack<'r> {
+    /// Whether `row` must wait behind an earlier row of its aggregate.
+    pub(crate) fn holds(&self, row: &OutboxRow) -> bool {
+        self.stopped.contains(row.aggregate_id.as_str())
+    }
+
+    /// Records that `row` did not reach the wire: its aggregate's later rows wait.
+    pub(crate) fn stop(&mut self, row: &'r OutboxRow) {
+        self.stopped.insert(&row.aggregate_id);
+    }
+}
+
+/// A broker the relay produces to.
 ///
 /// # Delivery contract
-/// - **Published means acknowledged.** `publish` resolves `Ok(())` for a row only after the broker
+/// - **Published means acknowledged.** `publish` reports [`Outcome::Acked`] for a row only after the broker
 ///   acknowledged that message durably: for Kafka, a successful delivery report from an
 ///   idempotent producer with `acks=all` (all in-sync replicas have it); for RabbitMQ, a positive
 ///   publisher confirm for a persistent, mandatory message that was not returned as unroutable.
 ///   Never on enqueue, on socket write, or on a timeout. The relay marks `published_at` only for
-///   rows that got `Ok(())`.
-/// - **At least once.** An `Err` (or a crash before the outcome is known) leaves the row
+///   rows that got `Acked`.
+/// - **At least once.** Any other outcome (or a crash before the outcome is known) leaves the row
 ///   unpublished and it is sent again later. The message may nevertheless have reached the broker
 ///   (e.g. a timeout after the broker stored it), so consumers deduplicate on `event_id`, which
 ///   every message carries.
 /// - **Order.** Rows are given in `id` order; a sink puts the messages of one aggregate on the
 ///   wire in that order (one Kafka partition via the key, one AMQP channel), and once a row of an
 ///   aggregate fails before it reached the wire, the later rows of that aggregate in the batch are
-///   not sent ([`PublishError::HeldBack`]). A row the broker rejects *after* a later row of the
+///   not sent ([`NotAttempted::HeldBack`], kept by [`HoldBack`]). A row the broker rejects *after* a later row of the
 ///   same aggregate was already accepted (possible only for broker-side rejections within one
 ///   batch) is the one ordering exception; see the README.
 /// - **Concurrency.** A batch is published as a whole (all messages in flight, outcomes awaited
 ///   together), never one awaited message at a time.
 /// - **Cancellation.** The relay does not cancel `publish`; shutdown waits for it up to
 ///   `relay.shutdown_timeout`, then abandons it and leaves the rows to be published again.
-pub(crate) trait Publisher {
-    /// Publishes `rows` and reports one outcome per row, in the same order.
+pub(crate) trait Producer: Send + Sync {
+    /// The broker's name, for logs and the `sink` metric label.
+    fn name(&self) -> &'static str;
+
+    /// Publishes `rows` to their configured destinations and reports one outcome per row, in
+    /// the same order.
     fn publish(&self, rows: &[OutboxRow]) -> impl Future<Output = Outcomes> + Send;
+
+    /// Publishes `rows` to what `destination` renders instead (the dead-letter destination),
+    /// with the same contract.
+    fn publish_to(
+        &self,
+        rows: &[OutboxRow],
+        destination: &Template,
+    ) -> impl Future<Output = Outcomes> + Send;
+
+    /// Where `row` goes (topic or exchange), for metric labels.
+    fn destination(&self, row: &OutboxRow) -> String;
+
+    /// Checks that the broker answers (for readiness while no events flow).
+    fn probe(&self, timeout: Duration) -> impl Future<Output = Result<(), ProbeError>> + Send;
 
     /// Waits up to `timeout` for messages still queued in the client to be delivered.
     fn flush(&self, timeout: Duration) -> impl Future<Output = ()> + Send;
 }
 
-/// The configured sink.
+/// The broker did not answer a probe.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ProbeError {
+    #[error("kafka metadata request failed")]
+    Kafka(#[source] rdkafka::error::KafkaError),
+    #[error("amqp session could not be opened")]
+    Amqp(#[source] PublishError),
+}
+
+/// The configured broker.
 #[derive(Debug)]
-pub(crate) enum Sink {
-    Kafka(kafka::KafkaPublisher),
+pub(crate) enum Broker {
+    Kafka(kafka::KafkaProducer),
     // Boxed: the AMQP session state is large and the enum lives for the whole run.
-    RabbitMq(Box<rabbitmq::RabbitMqPublisher>),
+    RabbitMq(Box<rabbitmq::RabbitMqProducer>),
     /// Acknowledges every row without sending it (benchmarks, dry runs).
     Discard,
 }
 
-impl Publisher for Sink {
+impl Broker {
+    /// The producer `settings` describe; `connection_name` identifies the relay to the broker
+    /// where it shows one (RabbitMQ's management UI). Nothing connects yet.
+    pub(crate) fn new(
+        settings: &BrokerSettings,
+        connection_name: String,
+    ) -> Result<Self, rdkafka::error::KafkaError> {
+        Ok(match settings {
+            BrokerSettings::Kafka { settings, allowed } => {
+                Self::Kafka(kafka::KafkaProducer::new(settings, allowed.clone())?)
+            }
+            BrokerSettings::RabbitMq { settings, allowed } => Self::RabbitMq(Box::new(
+                rabbitmq::RabbitMqProducer::new(settings, connection_name, allowed.clone()),
+            )),
+            BrokerSettings::Discard => Self::Discard,
+        })
+    }
+}
+
+impl Producer for Broker {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Kafka(_) => "kafka",
+            Self::RabbitMq(_) => "rabbitmq",
+            Self::Discard => "discard",
+        }
+    }
+
     async fn publish(&self, rows: &[OutboxRow]) -> Outcomes {
         match self {
             Self::Kafka(kafka) => kafka.publish(rows).await,
             Self::RabbitMq(rabbit) => rabbit.publish(rows).await,
-            Self::Discard => rows.iter().map(|_| Ok(())).collect(),
+            Self::Discard => rows.iter().map(|_| Outcome::Acked).collect(),
+        }
+    }
+
+    async fn publish_to(&self, rows: &[OutboxRow], destination: &Template) -> Outcomes {
+        match self {
+            Self::Kafka(kafka) => kafka.publish_to(rows, destination).await,
+            Self::RabbitMq(rabbit) => rabbit.publish_to(rows, destination).await,
+            Self::Discard => rows.iter().map(|_| Outcome::Acked).collect(),
+        }
+    }
+
+    fn destination(&self, row: &OutboxRow) -> String {
+        match self {
+            Self::Kafka(kafka) => kafka.topic(row),
+            Self::RabbitMq(rabbit) => rabbit.exchange(row),
+            Self::Discard => "discard".to_owned(),
+        }
+    }
+
+    async fn probe(&self, timeout: Duration) -> Result<(), ProbeError> {
+        match self {
+            Self::Kafka(kafka) => kafka
+                .probe(timeout)
+                .await
+                .map(|_| ())
+                .map_err(ProbeError::Kafka),
+            Self::RabbitMq(rabbit) => rabbit.probe(timeout).await.map_err(ProbeError::Amqp),
+            Self::Discard => Ok(()),
         }
     }
 
@@ -201,67 +323,9 @@ impl Publisher for Sink {
     }
 }
 
-impl Sink {
-    /// Publishes `rows` to what `destination` renders instead of the configured topic or
-    /// exchange (the dead-letter destination), with the same delivery contract.
-    pub(crate) async fn publish_to(&self, rows: &[OutboxRow], destination: &Template) -> Outcomes {
-        match self {
-            Self::Kafka(kafka) => kafka.publish_to(rows, destination).await,
-            Self::RabbitMq(rabbit) => rabbit.publish_to(rows, destination).await,
-            Self::Discard => rows.iter().map(|_| Ok(())).collect(),
-        }
-    }
-
-    /// Where `row` goes (topic or exchange), for metrics labels.
-    pub(crate) fn destination(&self, row: &OutboxRow) -> String {
-        match self {
-            Self::Kafka(kafka) => kafka.topic(row),
-            Self::RabbitMq(rabbit) => rabbit.exchange(row),
-            Self::Discard => "discard".to_owned(),
-        }
-    }
-
-    /// Checks that the broker answers (for readiness while no events flow).
-    pub(crate) async fn probe(&self, timeout: Duration) -> Result<(), String> {
-        match self {
-            Self::Kafka(kafka) => kafka
-                .probe(timeout)
-                .await
-                .map(|_| ())
-                .map_err(|err| crate::telemetry::ErrorChain(&err).to_string()),
-            Self::RabbitMq(rabbit) => rabbit
-                .probe(timeout)
-                .await
-                .map_err(|err| crate::telemetry::ErrorChain(&err).to_string()),
-            Self::Discard => Ok(()),
-        }
-    }
-}
-
-impl fmt::Display for Sink {
+impl fmt::Display for Broker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Kafka(_) => f.write_str("kafka"),
-            Self::RabbitMq(_) => f.write_str("rabbitmq"),
-            Self::Discard => f.write_str("discard"),
-        }
-    }
-}
-
-/// The copy of a dead-lettered row sent to the dead-letter destination: the same event, with
-/// headers `dead_letter_error` (why) and `dead_letter_attempts` added. Headers that are not a
-/// JSON object (one way to be dead-lettered) are replaced by those two.
-pub(crate) fn dead_letter_copy(row: &OutboxRow, error: &str) -> OutboxRow {
-    let mut headers: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(&row.headers).unwrap_or_default();
-    headers.insert("dead_letter_error".to_owned(), error.into());
-    headers.insert(
-        "dead_letter_attempts".to_owned(),
-        row.attempts.to_string().into(),
-    );
-    OutboxRow {
-        headers: serde_json::Value::Object(headers).to_string(),
-        ..row.clone()
+        f.write_str(self.name())
     }
 }
 
@@ -289,7 +353,7 @@ pub(crate) fn headers(row: &OutboxRow) -> Result<Vec<(String, String)>, PublishE
     Ok(out)
 }
 
-/// `sink.allowed_destinations`: exact names or `prefix*` patterns; empty allows every name.
+/// `broker.allowed_destinations`: exact names or `prefix*` patterns; empty allows every name.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Allowed(Vec<String>);
 
@@ -310,7 +374,7 @@ impl Allowed {
         } else {
             Err(PublishError::InvalidDestination {
                 destination: destination.to_owned(),
-                constraint: "not in sink.allowed_destinations",
+                constraint: "not in broker.allowed_destinations",
             })
         }
     }
@@ -383,18 +447,8 @@ mod tests {
 
     fn row(headers: &str) -> OutboxRow {
         OutboxRow {
-            id: 1,
-            event_id: uuid::Uuid::nil(),
-            aggregate_type: "order".into(),
-            aggregate_id: "42".into(),
-            event_type: "placed".into(),
-            payload: "{}".into(),
             headers: headers.into(),
-            created_at: chrono::Utc::now(),
-            attempts: 1,
-            deferrals: 0,
-            null_columns: Vec::new(),
-            abandoned: false,
+            ..OutboxRow::sample(1, "42")
         }
     }
 
@@ -413,7 +467,7 @@ mod tests {
                 "trace"
             ]
         );
-        assert_eq!(h[0].1, uuid::Uuid::nil().to_string());
+        assert_eq!(h[0].1, uuid::Uuid::from_u128(1).to_string());
         assert_eq!(h[4].1, "3");
     }
 

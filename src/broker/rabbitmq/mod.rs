@@ -1,4 +1,5 @@
-//! The RabbitMQ sink: persistent, mandatory messages on a confirm-select channel.
+//! RabbitMQ: persistent, mandatory messages on a confirm-select channel; its configuration
+//! section is in [`config`].
 //!
 //! A batch is published on one channel (so an aggregate's messages go out in order) and its
 //! publisher confirms are awaited together. All of a batch's messages are queued on the
@@ -10,6 +11,8 @@
 //! confirmed is treated as not published; the session is rebuilt on the next batch. The row that
 //! caused a channel close is identified from the broker's reason and fails alone; its neighbours
 //! are sent again on a fresh channel without losing an attempt.
+
+pub(crate) mod config;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -29,12 +32,14 @@ use tokio::sync::Mutex;
 use tokio::time::{Instant, timeout_at};
 
 use super::template::Template;
-use super::{Allowed, ErrorClass, Outcomes, PublishError, Publisher, headers};
-use crate::config::{ConfigError, RabbitMqConfig};
+use super::{
+    Allowed, ErrorClass, HoldBack, NotAttempted, Outcome, Outcomes, PublishError, headers,
+};
 use crate::outbox::OutboxRow;
+use config::RabbitMqSettings;
 
 /// Publishes rows as AMQP messages to a (templated) exchange with a (templated) routing key.
-pub(crate) struct RabbitMqPublisher {
+pub(crate) struct RabbitMqProducer {
     /// Broker URL; contains the password, so it is never formatted.
     url: SecretString,
     /// CA certificates and client identity for `amqps://`, read at start; holds the private
@@ -70,9 +75,9 @@ struct Session {
     frame_max: usize,
 }
 
-impl fmt::Debug for RabbitMqPublisher {
+impl fmt::Debug for RabbitMqProducer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RabbitMqPublisher")
+        f.debug_struct("RabbitMqProducer")
             .field("exchange", &self.exchange)
             .field("routing_key", &self.routing_key)
             .finish_non_exhaustive()
@@ -88,57 +93,33 @@ enum Blame {
     /// Another channel-level error, caused by a message the broker did not name. When the
     /// batch was that one message, it is to blame (retried, then dead-lettered, instead of
     /// stalling the relay); otherwise nobody is, and the next batch is sent one message at a
-    /// time to find it (`RabbitMqPublisher::isolate`).
+    /// time to find it (`RabbitMqProducer::isolate`).
     FirstSent,
     /// Not attributable to a row (connection lost, broker restart, timeout).
     Nobody,
 }
 
-impl RabbitMqPublisher {
-    /// Reads the TLS files named in `[sink.rabbitmq.tls]`; an unreadable file is a
-    /// configuration error naming its key. No connection is made.
+impl RabbitMqProducer {
+    /// The producer for `settings`; `connection_name` is shown in the broker's management
+    /// UI. No connection is made.
     pub(crate) fn new(
-        config: &RabbitMqConfig,
+        settings: &RabbitMqSettings,
         connection_name: String,
         allowed: Allowed,
-    ) -> Result<Self, ConfigError> {
-        let read = |key: &str, path: &std::path::Path| {
-            std::fs::read(path).map_err(|err| ConfigError::Invalid {
-                key: format!("sink.rabbitmq.tls.{key}"),
-                constraint: format!("cannot be read ({}): {err}", path.display()),
-            })
-        };
-        let mut tls = lapin::tcp::OwnedTLSConfig::default();
-        if let Some(files) = &config.tls {
-            if let Some(path) = &files.ca_file {
-                let pem = read("ca_file", path)?;
-                tls.cert_chain =
-                    Some(String::from_utf8(pem).map_err(|_| ConfigError::Invalid {
-                        key: "sink.rabbitmq.tls.ca_file".to_owned(),
-                        constraint: "must be a PEM file".to_owned(),
-                    })?);
-            }
-            if let (Some(cert), Some(key)) = (&files.cert_file, &files.key_file) {
-                tls.identity = Some(lapin::tcp::OwnedIdentity::PKCS8 {
-                    pem: read("cert_file", cert)?,
-                    key: read("key_file", key)?,
-                });
-            }
-        }
-        Ok(Self {
+    ) -> Self {
+        Self {
             allowed,
             connection_name,
-            tls,
-            url: config.url().clone(),
-            exchange: Template::parse(&config.exchange).expect("validated in Config::validate"),
-            routing_key: Template::parse(&config.routing_key)
-                .expect("validated in Config::validate"),
-            declare_exchange: config.declare_exchange,
-            confirm_timeout: config.confirm_timeout,
+            tls: settings.tls.clone(),
+            url: settings.url.clone(),
+            exchange: settings.exchange.clone(),
+            routing_key: settings.routing_key.clone(),
+            declare_exchange: settings.declare_exchange,
+            confirm_timeout: settings.confirm_timeout,
             session: Mutex::new(None),
             max_message_size: AtomicUsize::new(usize::MAX),
             isolate: AtomicBool::new(false),
-        })
+        }
     }
 
     /// The exchange `row` goes to.
@@ -350,7 +331,7 @@ fn short_string(what: &'static str, value: String) -> Result<ShortString, Publis
 }
 
 /// What ended a batch's channel early.
-enum Failure {
+enum ChannelFailure {
     /// The broker closed the channel or connection, or the connection failed.
     Amqp(lapin::Error),
     /// No progress within `confirm_timeout` (resource alarm, stalled broker).
@@ -359,7 +340,7 @@ enum Failure {
     Collateral,
 }
 
-impl Failure {
+impl ChannelFailure {
     /// Records `new` unless a more telling failure is known: the broker's channel-close reason
     /// (a protocol error naming the cause) beats the "invalid channel state" errors that later
     /// publishes on the closed channel report, which would hide the culprit row.
@@ -386,19 +367,19 @@ impl Failure {
     }
 
     /// A message sent to `exchange` whose fate `cause` left unknown: noted, decided later.
-    fn caught(current: &mut Option<Self>, cause: Self, exchange: String) -> Settled {
+    fn caught(current: &mut Option<Self>, cause: Self, exchange: String) -> Fate {
         Self::note(current, cause);
-        Settled::Unconfirmed {
+        Fate::Unconfirmed {
             exchange: Some(exchange),
         }
     }
 
-    /// The error for each row caught in the failure (unless it is blamed on a row).
-    fn to_error(&self) -> PublishError {
+    /// The outcome of each row caught in the failure (unless it is blamed on a row).
+    fn outcome(&self) -> Outcome {
         match self {
-            Self::Amqp(source) => amqp_error(source.clone()),
-            Self::Timeout => PublishError::ConfirmTimeout,
-            Self::Collateral => PublishError::NotSent,
+            Self::Amqp(source) => Outcome::Failed(amqp_error(source.clone())),
+            Self::Timeout => Outcome::Failed(PublishError::ConfirmTimeout),
+            Self::Collateral => Outcome::NotAttempted(NotAttempted::ChannelLost),
         }
     }
 }
@@ -417,33 +398,35 @@ enum Pending<'a> {
         confirm: PublisherConfirm,
     },
     /// Nothing left to wait for.
-    Settled(Settled),
+    Fate(Fate),
 }
 
 /// How a row's message ended once its batch is over.
-enum Settled {
-    /// Confirmed, or failed on its own.
-    Done(Result<(), PublishError>),
+enum Fate {
+    /// Confirmed, failed on its own, or held back.
+    Done(Outcome),
     /// Caught in a channel failure: decided once the cause is known.
     Unconfirmed { exchange: Option<String> },
 }
 
 impl Pending<'_> {
-    fn done(outcome: Result<(), PublishError>) -> Self {
-        Self::Settled(Settled::Done(outcome))
+    fn done(outcome: Outcome) -> Self {
+        Self::Fate(Fate::Done(outcome))
     }
 
     fn unconfirmed(exchange: Option<String>) -> Self {
-        Self::Settled(Settled::Unconfirmed { exchange })
+        Self::Fate(Fate::Unconfirmed { exchange })
     }
 }
 
-impl Publisher for RabbitMqPublisher {
-    async fn publish(&self, rows: &[OutboxRow]) -> Outcomes {
+impl RabbitMqProducer {
+    /// [`super::Producer::publish`].
+    pub(crate) async fn publish(&self, rows: &[OutboxRow]) -> Outcomes {
         self.publish_to(rows, &self.exchange).await
     }
 
-    async fn flush(&self, _timeout: Duration) {
+    /// [`super::Producer::flush`].
+    pub(crate) async fn flush(&self, _timeout: Duration) {
         // Every publish already awaited its confirms; only the connection is left to close.
         if let Some(session) = self.session.lock().await.take() {
             close(session).await;
@@ -451,8 +434,8 @@ impl Publisher for RabbitMqPublisher {
     }
 }
 
-impl RabbitMqPublisher {
-    /// [`Publisher::publish`] to the exchanges `exchange` renders (the configured template, or
+impl RabbitMqProducer {
+    /// [`super::Producer::publish_to`]: to the exchanges `exchange` renders (the configured template, or
     /// the dead-letter destination).
     ///
     /// After the broker closed a channel without saying which message caused it, the next
@@ -468,27 +451,35 @@ impl RabbitMqPublisher {
             "publishing one message at a time to find the message the broker closed the channel for"
         );
         let mut outcomes: Outcomes = Vec::with_capacity(rows.len());
-        let mut stopped: HashSet<&str> = HashSet::new();
+        let mut hold_back = HoldBack::default();
         let mut outage = false;
         for row in rows {
             if outage {
-                outcomes.push(Err(PublishError::NotSent));
+                outcomes.push(Outcome::NotAttempted(NotAttempted::ChannelLost));
                 continue;
             }
-            if stopped.contains(row.aggregate_id.as_str()) {
-                outcomes.push(Err(PublishError::HeldBack));
+            if hold_back.holds(row) {
+                outcomes.push(Outcome::NotAttempted(NotAttempted::HeldBack));
                 continue;
             }
             let outcome = self
                 .publish_chunk(std::slice::from_ref(row), exchange)
                 .await
                 .pop()
-                .unwrap_or(Err(PublishError::NotSent));
-            if let Err(err) = &outcome {
-                stopped.insert(&row.aggregate_id);
-                // Broker or connection trouble: the rest waits for the broker, not sent one by
-                // one into the outage.
-                outage = matches!(err.class(), ErrorClass::Transient | ErrorClass::Fatal);
+                .unwrap_or(Outcome::NotAttempted(NotAttempted::ChannelLost));
+            match &outcome {
+                Outcome::Acked => {}
+                Outcome::Failed(err) => {
+                    hold_back.stop(row);
+                    // Broker or connection trouble: the rest waits for the broker, not sent
+                    // one by one into the outage.
+                    outage = matches!(err.class(), ErrorClass::Transient | ErrorClass::Fatal);
+                }
+                // Caught in a channel failure it was not blamed for: the same as an outage.
+                Outcome::NotAttempted(_) => {
+                    hold_back.stop(row);
+                    outage = true;
+                }
             }
             outcomes.push(outcome);
         }
@@ -510,8 +501,10 @@ impl RabbitMqPublisher {
                 return rows
                     .iter()
                     .map(|_| match &err {
-                        PublishError::Amqp { source, .. } => Err(connect_error(source.clone())),
-                        _ => Err(PublishError::ConfirmTimeout),
+                        PublishError::Amqp { source, .. } => {
+                            Outcome::Failed(connect_error(source.clone()))
+                        }
+                        _ => Outcome::Failed(PublishError::ConfirmTimeout),
                     })
                     .collect();
             }
@@ -526,16 +519,16 @@ impl RabbitMqPublisher {
         let deadline = Instant::now() + self.confirm_timeout;
         let max_size = self.max_message_size.load(Ordering::Relaxed);
         let mut pending: Vec<Pending> = Vec::with_capacity(rows.len());
-        let mut stopped: HashSet<&str> = HashSet::new();
-        let mut failure: Option<Failure> = None;
+        let mut hold_back = HoldBack::default();
+        let mut failure: Option<ChannelFailure> = None;
 
         for row in rows {
             if failure.is_some() {
                 pending.push(Pending::unconfirmed(None));
                 continue;
             }
-            if stopped.contains(row.aggregate_id.as_str()) {
-                pending.push(Pending::done(Err(PublishError::HeldBack)));
+            if hold_back.holds(row) {
+                pending.push(Pending::done(Outcome::NotAttempted(NotAttempted::HeldBack)));
                 continue;
             }
             let exchange = exchange.render(row);
@@ -556,8 +549,8 @@ impl RabbitMqPublisher {
             let properties = match prepared {
                 Ok(properties) => properties,
                 Err(err) => {
-                    stopped.insert(&row.aggregate_id);
-                    pending.push(Pending::done(Err(err)));
+                    hold_back.stop(row);
+                    pending.push(Pending::done(Outcome::Failed(err)));
                     continue;
                 }
             };
@@ -587,17 +580,17 @@ impl RabbitMqPublisher {
                             lapin::ErrorKind::ProtocolError(_) => ErrorClass::Permanent,
                             _ => ErrorClass::Transient,
                         };
-                        pending.push(Pending::done(Err(PublishError::Amqp {
+                        pending.push(Pending::done(Outcome::Failed(PublishError::Amqp {
                             class,
                             source: err,
                         })));
                         // The rest of the batch goes out again on a fresh channel.
-                        failure = Some(Failure::Collateral);
+                        failure = Some(ChannelFailure::Collateral);
                         continue;
                     }
                     Err(_) => {
                         pending.push(Pending::unconfirmed(None));
-                        failure = Some(Failure::Timeout);
+                        failure = Some(ChannelFailure::Timeout);
                         continue;
                     }
                 }
@@ -621,49 +614,51 @@ impl RabbitMqPublisher {
                 Poll::Ready(Ok(confirm)) => pending.push(Pending::Sent { exchange, confirm }),
                 Poll::Ready(Err(err)) => {
                     pending.push(Pending::unconfirmed(Some(exchange)));
-                    Failure::note(&mut failure, Failure::Amqp(err));
+                    ChannelFailure::note(&mut failure, ChannelFailure::Amqp(err));
                 }
             }
         }
 
         // Await each write, then its confirm, in publish order (the later writes go on
-        // meanwhile). Settled rows no longer borrow the channel, which may be closed below.
-        let mut settled: Vec<Settled> = Vec::with_capacity(pending.len());
+        // meanwhile). Fate rows no longer borrow the channel, which may be closed below.
+        let mut settled: Vec<Fate> = Vec::with_capacity(pending.len());
         for entry in pending {
             let (exchange, confirm) = match entry {
-                Pending::Settled(outcome) => {
+                Pending::Fate(outcome) => {
                     settled.push(outcome);
                     continue;
                 }
                 Pending::Sent { exchange, confirm } => (exchange, confirm),
                 Pending::Queued { exchange, write } => {
-                    match Failure::of(timeout_at(deadline, write).await) {
+                    match ChannelFailure::of(timeout_at(deadline, write).await) {
                         Ok(confirm) => (exchange, confirm),
                         Err(cause) => {
-                            settled.push(Failure::caught(&mut failure, cause, exchange));
+                            settled.push(ChannelFailure::caught(&mut failure, cause, exchange));
                             continue;
                         }
                     }
                 }
             };
-            settled.push(match Failure::of(timeout_at(deadline, confirm).await) {
-                Ok(Confirmation::Ack(None)) => Settled::Done(Ok(())),
-                Ok(Confirmation::Ack(Some(returned))) => {
-                    Settled::Done(Err(PublishError::Unroutable {
-                        reply_code: returned.reply_code,
-                        reply_text: returned.reply_text.to_string(),
-                    }))
-                }
-                Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => {
-                    Settled::Done(Err(PublishError::Nacked))
-                }
-                Err(cause) => Failure::caught(&mut failure, cause, exchange),
-            });
+            settled.push(
+                match ChannelFailure::of(timeout_at(deadline, confirm).await) {
+                    Ok(Confirmation::Ack(None)) => Fate::Done(Outcome::Acked),
+                    Ok(Confirmation::Ack(Some(returned))) => {
+                        Fate::Done(Outcome::Failed(PublishError::Unroutable {
+                            reply_code: returned.reply_code,
+                            reply_text: returned.reply_text.to_string(),
+                        }))
+                    }
+                    Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => {
+                        Fate::Done(Outcome::Failed(PublishError::Nacked))
+                    }
+                    Err(cause) => ChannelFailure::caught(&mut failure, cause, exchange),
+                },
+            );
         }
 
         // A failed channel or connection: rebuild next time, and decide who is to blame.
         let blamed = match &failure {
-            Some(Failure::Amqp(source)) => blame(source),
+            Some(ChannelFailure::Amqp(source)) => blame(source),
             _ => Blame::Nobody,
         };
         if failure.is_some() {
@@ -680,38 +675,38 @@ impl RabbitMqPublisher {
         if matches!(blamed, Blame::FirstSent) && !alone {
             self.isolate.store(true, Ordering::Relaxed);
         }
-        let failure = failure.unwrap_or(Failure::Collateral);
+        let failure = failure.unwrap_or(ChannelFailure::Collateral);
         rows.iter()
             .zip(settled)
             .map(|(row, entry)| match entry {
-                Settled::Done(outcome) => outcome,
-                Settled::Unconfirmed { exchange } => match &blamed {
+                Fate::Done(outcome) => outcome,
+                Fate::Unconfirmed { exchange } => match &blamed {
                     Blame::MessageSize(limit) if row.payload.len() > *limit => {
-                        Err(PublishError::TooLarge {
+                        Outcome::Failed(PublishError::TooLarge {
                             size: row.payload.len(),
                             limit: *limit,
                         })
                     }
                     Blame::Exchange(name) if exchange.as_deref() == Some(name.as_str()) => {
-                        Err(PublishError::ExchangeNotFound {
+                        Outcome::Failed(PublishError::ExchangeNotFound {
                             exchange: name.clone(),
                         })
                     }
                     Blame::FirstSent if exchange.is_some() && alone => {
                         // The broker's verdict on this message; ACCESS_REFUSED stays a
                         // destination's trouble, anything else is the message's fault.
-                        let mut err = failure.to_error();
-                        if let PublishError::Amqp { class, .. } = &mut err {
+                        let mut outcome = failure.outcome();
+                        if let Outcome::Failed(PublishError::Amqp { class, .. }) = &mut outcome {
                             if *class == ErrorClass::Transient {
                                 *class = ErrorClass::Permanent;
                             }
                         }
-                        Err(err)
+                        outcome
                     }
                     Blame::MessageSize(_) | Blame::Exchange(_) | Blame::FirstSent => {
-                        Err(PublishError::NotSent)
+                        Outcome::NotAttempted(NotAttempted::ChannelLost)
                     }
-                    Blame::Nobody => Err(failure.to_error()),
+                    Blame::Nobody => failure.outcome(),
                 },
             })
             .collect()
@@ -757,9 +752,9 @@ mod tests {
             "PRECONDITION_FAILED - message size 2097152 is larger than configured max size 1048576",
         );
         let mut failure = None;
-        Failure::note(&mut failure, Failure::Amqp(state));
-        Failure::note(&mut failure, Failure::Amqp(reason));
-        let Some(Failure::Amqp(err)) = &failure else {
+        ChannelFailure::note(&mut failure, ChannelFailure::Amqp(state));
+        ChannelFailure::note(&mut failure, ChannelFailure::Amqp(reason));
+        let Some(ChannelFailure::Amqp(err)) = &failure else {
             panic!("expected an AMQP failure");
         };
         assert!(matches!(blame(err), Blame::MessageSize(1_048_576)));
@@ -769,7 +764,7 @@ mod tests {
         //! Property: whatever a row holds, the AMQP message built from it encodes (and decodes
         //! to the same properties), or the row fails permanently; nothing panics.
         use super::super::*;
-        use crate::publisher::arbitrary::row;
+        use crate::broker::arbitrary::row;
         use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, gen_frame, parse_frame};
         use proptest::prelude::*;
 

@@ -1,6 +1,8 @@
-//! The Kafka sink: an idempotent rdkafka producer with `acks=all`.
+//! Kafka: an idempotent rdkafka producer with `acks=all`; its configuration section and
+//! property policy are in [`config`].
 
-use std::collections::HashSet;
+pub(crate) mod config;
+
 use std::fmt;
 use std::time::Duration;
 
@@ -12,9 +14,11 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use super::template::Template;
-use super::{Allowed, ErrorClass, Outcomes, PublishError, Publisher, headers};
-use crate::config::{KAFKA_DEFAULT_MESSAGE_TIMEOUT, KafkaConfig};
+use super::{
+    Allowed, ErrorClass, HoldBack, NotAttempted, Outcome, Outcomes, PublishError, headers,
+};
 use crate::outbox::OutboxRow;
+use config::KafkaSettings;
 
 /// Routes librdkafka's own log lines and global errors to debug level: a broker that is down
 /// would otherwise log several error lines per second, while the relay reports the outage once
@@ -34,9 +38,9 @@ impl ClientContext for QuietContext {
 
 /// Publishes rows as Kafka messages: key `aggregate_id`, value the payload, headers the event's
 /// identity plus the row's own headers.
-pub(crate) struct KafkaPublisher {
+pub(crate) struct KafkaProducer {
     /// Shared handle; rdkafka runs its own polling thread that resolves delivery futures.
-    /// Replaced after a fatal error (see [`KafkaPublisher::recover_from_fatal`]).
+    /// Replaced after a fatal error (see [`KafkaProducer::recover_from_fatal`]).
     producer: std::sync::RwLock<FutureProducer<QuietContext>>,
     /// The settings the producer was created with, to create it again.
     client: ClientConfig,
@@ -46,48 +50,21 @@ pub(crate) struct KafkaPublisher {
     allowed: Allowed,
 }
 
-impl fmt::Debug for KafkaPublisher {
+impl fmt::Debug for KafkaProducer {
     // ClientConfig's Debug shows most properties, and some may be secrets: show none.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KafkaPublisher")
+        f.debug_struct("KafkaProducer")
             .field("topic", &self.topic)
             .finish_non_exhaustive()
     }
 }
 
-/// The relay's producer settings, applied over the user's properties. `acks` and idempotence
-/// carry the delivery guarantee; the config validation refuses any other value for them.
-pub(crate) fn client_config(config: &KafkaConfig) -> ClientConfig {
-    let mut client = ClientConfig::new();
-    client
-        .set("client.id", "outbox-relay")
-        .set("linger.ms", "5")
-        .set(
-            "message.timeout.ms",
-            KAFKA_DEFAULT_MESSAGE_TIMEOUT.as_millis().to_string(),
-        );
-    for (key, value) in &config.properties {
-        client.set(key, value);
-    }
-    client
-        .set("bootstrap.servers", &config.brokers)
-        .set("enable.idempotence", "true")
-        // A batch the broker refused for good (say MSG_SIZE_TOO_LARGE) would otherwise leave
-        // a gap: the producer goes on with the partition's later messages, so an aggregate's
-        // later events land before the failed one is retried. With the guarantee, such an
-        // error is fatal instead: the later messages fail too (and are retried in order), and
-        // the producer is replaced (`recover_from_fatal`).
-        .set("enable.gapless.guarantee", "true")
-        .set("acks", "all");
-    client
-}
-
-impl KafkaPublisher {
-    /// Creates the producer. librdkafka checks property names and values here (no connection is
-    /// made yet), so an error is a configuration error.
-    pub(crate) fn new(config: &KafkaConfig, allowed: Allowed) -> Result<Self, KafkaError> {
-        let topic = Template::parse(&config.topic).expect("validated in Config::validate");
-        let client = client_config(config);
+impl KafkaProducer {
+    /// Creates the producer from settings librdkafka already checked (no connection is made
+    /// yet); an error here means the client could not be created (e.g. no thread).
+    pub(crate) fn new(settings: &KafkaSettings, allowed: Allowed) -> Result<Self, KafkaError> {
+        let client = settings.client.clone();
+        let topic = settings.topic.clone();
         let producer = client.create_with_context(QuietContext)?;
         Ok(Self {
             producer: std::sync::RwLock::new(producer),
@@ -150,12 +127,14 @@ impl KafkaPublisher {
     }
 }
 
-impl Publisher for KafkaPublisher {
-    async fn publish(&self, rows: &[OutboxRow]) -> Outcomes {
+impl KafkaProducer {
+    /// [`super::Producer::publish`].
+    pub(crate) async fn publish(&self, rows: &[OutboxRow]) -> Outcomes {
         self.publish_to(rows, &self.topic).await
     }
 
-    async fn flush(&self, timeout: Duration) {
+    /// [`super::Producer::flush`].
+    pub(crate) async fn flush(&self, timeout: Duration) {
         let producer = self.producer();
         let flushed = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
         if let Ok(Err(err)) = flushed {
@@ -164,21 +143,19 @@ impl Publisher for KafkaPublisher {
     }
 }
 
-impl KafkaPublisher {
-    /// [`Publisher::publish`] to the topics `topic` renders (the configured template, or the
-    /// dead-letter destination).
+impl KafkaProducer {
+    /// [`super::Producer::publish_to`]: to the topics `topic` renders (the configured
+    /// template, or the dead-letter destination).
     pub(crate) async fn publish_to(&self, rows: &[OutboxRow], topic: &Template) -> Outcomes {
         let producer = self.producer();
-        let mut outcomes: Vec<Option<Result<(), PublishError>>> =
-            rows.iter().map(|_| None).collect();
+        let mut outcomes: Vec<Option<Outcome>> = rows.iter().map(|_| None).collect();
         let mut in_flight: Vec<(usize, DeliveryFuture)> = Vec::with_capacity(rows.len());
         let mut awaited = 0;
-        // Aggregates with a row that failed before reaching the wire: their later rows wait.
-        let mut stopped: HashSet<&str> = HashSet::new();
+        let mut hold_back = HoldBack::default();
 
         for (index, row) in rows.iter().enumerate() {
-            if stopped.contains(row.aggregate_id.as_str()) {
-                outcomes[index] = Some(Err(PublishError::HeldBack));
+            if hold_back.holds(row) {
+                outcomes[index] = Some(Outcome::NotAttempted(NotAttempted::HeldBack));
                 continue;
             }
             match self
@@ -194,8 +171,8 @@ impl KafkaPublisher {
             {
                 Ok(delivery) => in_flight.push((index, delivery)),
                 Err(err) => {
-                    stopped.insert(&row.aggregate_id);
-                    outcomes[index] = Some(Err(err));
+                    hold_back.stop(row);
+                    outcomes[index] = Some(Outcome::Failed(err));
                 }
             }
         }
@@ -208,7 +185,7 @@ impl KafkaPublisher {
             .collect();
         if outcomes
             .iter()
-            .any(|o| o.as_ref().is_err_and(|e| e.class() == ErrorClass::Fatal))
+            .any(|o| matches!(o, Outcome::Failed(e) if e.class() == ErrorClass::Fatal))
         {
             self.recover_from_fatal(&producer);
         }
@@ -224,7 +201,7 @@ impl KafkaPublisher {
         topic: &Template,
         in_flight: &mut [(usize, DeliveryFuture)],
         awaited: &mut usize,
-        outcomes: &mut [Option<Result<(), PublishError>>],
+        outcomes: &mut [Option<Outcome>],
     ) -> Result<DeliveryFuture, PublishError> {
         let topic = topic.render(row);
         validate_topic(&topic)?;
@@ -268,14 +245,14 @@ fn delivery_outcome(
         rdkafka::producer::future_producer::OwnedDeliveryResult,
         futures::channel::oneshot::Canceled,
     >,
-) -> Result<(), PublishError> {
+) -> Outcome {
     match report {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err((source, _message))) => Err(PublishError::Kafka {
+        Ok(Ok(_)) => Outcome::Acked,
+        Ok(Err((source, _message))) => Outcome::Failed(PublishError::Kafka {
             class: classify(&source),
             source,
         }),
-        Err(_) => Err(PublishError::ProducerClosed),
+        Err(_) => Outcome::Failed(PublishError::ProducerClosed),
     }
 }
 
@@ -333,7 +310,7 @@ mod tests {
         //! Property: whatever a row holds, its Kafka message is built (topic, key, headers)
         //! or the row fails permanently; nothing panics.
         use super::super::*;
-        use crate::publisher::arbitrary::row;
+        use crate::broker::arbitrary::row;
         use proptest::prelude::*;
 
         proptest! {
@@ -398,7 +375,7 @@ mod tests {
         // Creating the producer makes librdkafka check the mechanisms against what it was
         // built with (OpenSSL, SASL); nothing connects.
         for mechanism in ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] {
-            let config = KafkaConfig {
+            let config = config::KafkaConfig {
                 brokers: "kafka.internal:9093".to_owned(),
                 topic: "outbox.{aggregate_type}".to_owned(),
                 properties: [
@@ -413,7 +390,10 @@ mod tests {
                 allow_unsafe: false,
                 allow_insecure_transport: false,
             };
-            KafkaPublisher::new(&config, Allowed::new(&[]))
+            let settings = config
+                .validate(Duration::from_secs(120))
+                .unwrap_or_else(|err| panic!("{mechanism}: {err}"));
+            KafkaProducer::new(&settings, Allowed::new(&[]))
                 .unwrap_or_else(|err| panic!("{mechanism}: {err}"));
         }
     }

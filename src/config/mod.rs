@@ -1,0 +1,540 @@
+//! Configuration: one TOML file plus `OUTBOX_RELAY__SECTION__KEY` environment overrides,
+//! parsed once into typed [`Settings`].
+//!
+//! Each component owns the type of its section and parses it: `[database]`
+//! (`database::postgres::config`), `[relay]`, `[retry]` and `[retention]`
+//! (`outbox::config`), `[broker]` with `[broker.kafka]` and `[broker.rabbitmq]`
+//! (`broker::config`, beside each broker's code), `[log]` ([`crate::telemetry`]) and `[http]`
+//! ([`crate::health`]). This module puts the sections together, reads the secret files and
+//! checks what spans sections. Every struct rejects unknown keys, durations are humantime
+//! strings (`"500ms"`, `"5m"`), and each error names the offending key and the constraint it
+//! broke ([`constraint`]). The reference file `config/outbox-relay.toml` documents every key
+//! with its default; a unit test keeps the two in step.
+//!
+//! Renamed keys keep working under their old spelling: `[sink]` is `[broker]` since 0.2 (the
+//! broker is no longer only where events go), and `OUTBOX_RELAY__SINK__…` variables still apply.
+
+pub(crate) mod constraint;
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+
+pub use constraint::ConfigError;
+use constraint::{read_secret, resolve_url};
+
+use crate::broker::config::{BrokerConfig, BrokerSettings};
+use crate::database::postgres::config::{DatabaseConfig, DatabaseSettings};
+use crate::health::HttpConfig;
+use crate::outbox::config::{RelayConfig, RetentionConfig, RetryConfig, RetryPolicy};
+use crate::telemetry::{LogConfig, LogSettings};
+
+/// Prefix of the environment variables that override file keys (`OUTBOX_RELAY__RELAY__BATCH_SIZE`).
+pub const ENV_PREFIX: &str = "OUTBOX_RELAY";
+
+/// The whole configuration of one relay process, as written.
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the outbox lives.
+    pub database: DatabaseConfig,
+    /// How rows are claimed and published.
+    #[serde(default)]
+    pub relay: RelayConfig,
+    /// What happens to a row whose publish failed.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Which broker events go to. Also accepted as `[sink]`, its name before 0.2.
+    #[serde(alias = "sink")]
+    pub broker: BrokerConfig,
+    /// Log output.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Health and metrics endpoints; absent: no listener.
+    pub http: Option<HttpConfig>,
+    /// Deletion of old published (and, optionally, dead-lettered) rows.
+    #[serde(default)]
+    pub retention: RetentionConfig,
+}
+
+/// The configuration, checked and parsed: what every component is built from. Nothing in it is
+/// parsed again.
+#[derive(Debug)]
+pub struct Settings {
+    pub(crate) database: DatabaseSettings,
+    pub(crate) relay: RelayConfig,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) broker: BrokerSettings,
+    pub(crate) retention: RetentionConfig,
+    /// `[log]`; taken by `telemetry::init`.
+    pub(crate) log: Option<LogSettings>,
+    /// `http.listen`; `None`: no listener.
+    pub(crate) http: Option<SocketAddr>,
+}
+
+impl Config {
+    /// Reads `path` (TOML), applies `OUTBOX_RELAY__*` environment overrides and the secret
+    /// files, and parses the result.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let raw = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__"),
+            )
+            .build()
+            .map_err(ConfigError::Load)?;
+        // A file (or environment) still using `[sink]` gets errors naming its own keys.
+        let old_spelling = raw.get_table("sink").is_ok();
+        let mut config: Config = raw.try_deserialize().map_err(ConfigError::Load)?;
+        config
+            .resolve_secret_files()
+            .and_then(|()| config.validate())
+            .map_err(|err| {
+                if old_spelling {
+                    err.in_old_spelling()
+                } else {
+                    err
+                }
+            })
+    }
+
+    /// Reads `*_file` keys: `database.url_file`, `broker.rabbitmq.url_file`, and any
+    /// `broker.kafka.properties` key ending in `_file` (its value is the path; the property
+    /// without the suffix gets the file's content, e.g. `"sasl.password_file"`).
+    pub fn resolve_secret_files(&mut self) -> Result<(), ConfigError> {
+        resolve_url(
+            &mut self.database.url,
+            self.database.url_file.as_deref(),
+            "database.url",
+        )?;
+        if let Some(rabbit) = &mut self.broker.rabbitmq {
+            resolve_url(
+                &mut rabbit.url,
+                rabbit.url_file.as_deref(),
+                "broker.rabbitmq.url",
+            )?;
+        }
+        if let Some(kafka) = &mut self.broker.kafka {
+            let files: Vec<(String, String)> = kafka
+                .properties
+                .iter()
+                .filter(|(k, _)| k.ends_with("_file"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            for (key, path) in files {
+                kafka.properties.remove(&key);
+                let property = key.trim_end_matches("_file").to_owned();
+                let value = read_secret(
+                    Path::new(&path),
+                    &format!("broker.kafka.properties.\"{key}\""),
+                )?;
+                kafka
+                    .properties
+                    .insert(property, value.expose_secret().to_owned());
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks every constraint serde cannot express and parses each section; the error names
+    /// the key.
+    pub fn validate(&self) -> Result<Settings, ConfigError> {
+        let database = self.database.validate()?;
+        let relay = self.relay.validate()?;
+        let retry = self.retry.validate()?;
+        let broker = self.broker.validate(relay.lease_duration)?;
+        let retention = self.retention.validate()?;
+        let log = self.log.validate()?;
+        Ok(Settings {
+            database,
+            relay,
+            retry,
+            broker,
+            retention,
+            log: Some(log),
+            http: self.http.as_ref().map(|http| http.listen),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::config::BrokerKind;
+    use crate::telemetry::{ErrorChain, LogFormat};
+    use std::time::Duration;
+
+    /// The configuration as written, once it parsed and validated.
+    fn parse(toml: &str) -> Result<Config, ConfigError> {
+        parse_with_settings(toml).map(|(config, _)| config)
+    }
+
+    fn parse_with_settings(toml: &str) -> Result<(Config, Settings), ConfigError> {
+        let raw = config::Config::builder()
+            .add_source(config::File::from_str(toml, config::FileFormat::Toml))
+            .build()
+            .map_err(ConfigError::Load)?;
+        let mut config: Config = raw.try_deserialize().map_err(ConfigError::Load)?;
+        config.resolve_secret_files()?;
+        let settings = config.validate()?;
+        Ok((config, settings))
+    }
+
+    const MINIMAL: &str = r#"
+        [database]
+        url = "postgres://postgres@127.0.0.1:5432/app"
+        [broker]
+        kind = "kafka"
+        [broker.kafka]
+        brokers = "127.0.0.1:9092"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let config = parse(MINIMAL).expect("valid");
+        assert_eq!(config.database.table, "outbox");
+        assert_eq!(config.relay.batch_size, 2000);
+        assert_eq!(config.relay.poll_interval, Duration::from_secs(1));
+        assert!(config.relay.listen);
+        assert_eq!(config.retry.max_attempts, 10);
+        assert_eq!(config.retry.max_backoff, Duration::from_secs(300));
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(
+            config.retention.published,
+            Some(Duration::from_secs(7 * 86_400))
+        );
+        assert_eq!(config.retention.dead, None);
+    }
+
+    #[test]
+    fn retention_accepts_off_and_names_bad_values() {
+        let off = MINIMAL.replace(
+            "[broker]",
+            "[retention]\npublished = \"off\"\ndead = \"30d\"\n[broker]",
+        );
+        let config = parse(&off).expect("valid");
+        assert_eq!(config.retention.published, None);
+        assert_eq!(
+            config.retention.dead,
+            Some(Duration::from_secs(30 * 86_400))
+        );
+        let bad = MINIMAL.replace("[broker]", "[retention]\npublished = \"a week\"\n[broker]");
+        let err = ErrorChain(&parse(&bad).expect_err("bad duration")).to_string();
+        assert!(err.contains("retention.published"), "{err}");
+    }
+
+    fn key_of(result: Result<Config, ConfigError>) -> String {
+        match result {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected an invalid key, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn plaintext_to_a_remote_host_is_refused_unless_allowed() {
+        let remote_pg = MINIMAL.replace("postgres@127.0.0.1:5432/app", "relay@db.internal/app");
+        assert_eq!(key_of(parse(&remote_pg)), "database.url");
+        for fine in ["?sslmode=verify-full", "?sslmode=require"] {
+            let url = format!("relay@db.internal/app{fine}");
+            parse(&MINIMAL.replace("postgres@127.0.0.1:5432/app", &url)).expect(fine);
+        }
+        let allowed = remote_pg.replace("[broker]", "allow_insecure_transport = true\n[broker]");
+        parse(&allowed).expect("explicitly allowed");
+        parse(&MINIMAL.replace("127.0.0.1:5432", "localhost:5432")).expect("loopback");
+
+        let remote_kafka = MINIMAL.replace("127.0.0.1:9092", "127.0.0.1:9092,kafka-1:9092");
+        assert_eq!(
+            key_of(parse(&remote_kafka)),
+            "broker.kafka.properties.\"security.protocol\""
+        );
+        parse(&format!(
+            "{remote_kafka}\n[broker.kafka.properties]\n\"security.protocol\" = \"SASL_SSL\""
+        ))
+        .expect("sasl_ssl");
+        parse(&format!("{remote_kafka}\nallow_insecure_transport = true")).expect("allowed");
+        parse(&MINIMAL.replace("127.0.0.1:9092", "[::1]:9092")).expect("loopback v6");
+
+        let rabbit = |url: &str, extra: &str| {
+            format!("{MINIMAL}\n[broker.rabbitmq]\nurl = \"{url}\"\n{extra}")
+                .replace("kind = \"kafka\"", "kind = \"rabbitmq\"")
+        };
+        assert_eq!(
+            key_of(parse(&rabbit("amqp://u:p@mq.internal:5672/%2f", ""))),
+            "broker.rabbitmq.url"
+        );
+        parse(&rabbit("amqps://u:p@mq.internal/%2f", "")).expect("amqps");
+        parse(&rabbit(
+            "amqp://u:p@mq.internal/%2f",
+            "allow_insecure_transport = true",
+        ))
+        .expect("allowed");
+        assert_eq!(
+            key_of(parse(&rabbit(
+                "amqp://guest:guest@127.0.0.1/%2f",
+                "[broker.rabbitmq.tls]\nca_file = \"/ca.pem\""
+            ))),
+            "broker.rabbitmq.tls"
+        );
+        assert_eq!(
+            key_of(parse(&rabbit(
+                "amqps://guest:guest@127.0.0.1/%2f",
+                "[broker.rabbitmq.tls]\ncert_file = \"/c.pem\""
+            ))),
+            "broker.rabbitmq.tls.cert_file"
+        );
+    }
+
+    /// Every key of the config structs as a dotted path (`broker.kafka.brokers`), read from the
+    /// JSON schema derived from them; maps (`broker.kafka.properties`) are one key.
+    fn struct_keys() -> std::collections::BTreeSet<String> {
+        fn walk(
+            node: &serde_json::Value,
+            defs: &serde_json::Value,
+            path: &str,
+            out: &mut std::collections::BTreeSet<String>,
+        ) {
+            if let Some(name) = node.get("$ref").and_then(|r| r.as_str()) {
+                let name = name.trim_start_matches("#/$defs/");
+                return walk(&defs[name], defs, path, out);
+            }
+            for alternatives in ["anyOf", "oneOf", "allOf"] {
+                for option in node
+                    .get(alternatives)
+                    .and_then(|a| a.as_array())
+                    .into_iter()
+                    .flatten()
+                {
+                    walk(option, defs, path, out);
+                }
+            }
+            match node.get("properties").and_then(|p| p.as_object()) {
+                Some(properties) => {
+                    for (key, child) in properties {
+                        let child_path = if path.is_empty() {
+                            key.clone()
+                        } else {
+                            format!("{path}.{key}")
+                        };
+                        walk(child, defs, &child_path, out);
+                    }
+                }
+                None if !path.is_empty()
+                    && node.get("type") != Some(&"null".into())
+                    && node.get("anyOf").is_none()
+                    && node.get("oneOf").is_none() =>
+                {
+                    out.insert(path.to_owned());
+                }
+                None => {}
+            }
+        }
+        let schema = serde_json::to_value(schemars::schema_for!(Config)).unwrap();
+        let mut keys = std::collections::BTreeSet::new();
+        walk(&schema, &schema["$defs"], "", &mut keys);
+        keys
+    }
+
+    #[test]
+    fn reference_file_is_valid_and_complete() {
+        let text = include_str!("../../config/outbox-relay.toml");
+        let config = parse(text).expect("the reference config must be valid");
+        assert_eq!(config.broker.kind, BrokerKind::Kafka);
+        assert!(
+            config.broker.rabbitmq.is_some(),
+            "reference documents [broker.rabbitmq]"
+        );
+        // Keys the file documents: `key = ...` lines, set or commented out, under their
+        // (possibly commented-out) section header; pass-through properties are one key.
+        let mut documented = std::collections::BTreeSet::new();
+        let mut section = String::new();
+        for line in text.lines() {
+            let line = line.trim().trim_start_matches('#').trim();
+            if let Some(header) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = header.to_owned();
+                if section.ends_with(".properties") {
+                    documented.insert(section.clone());
+                }
+                continue;
+            }
+            let Some((key, _)) = line.split_once(" = ") else {
+                continue;
+            };
+            let is_key = key
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            if is_key && !section.ends_with(".properties") {
+                documented.insert(format!("{section}.{key}"));
+            }
+        }
+        assert_lists_struct_keys("config/outbox-relay.toml", &documented);
+    }
+
+    fn assert_lists_struct_keys(what: &str, listed: &std::collections::BTreeSet<String>) {
+        let keys = struct_keys();
+        assert!(keys.contains("broker.rabbitmq.tls.key_file"), "{keys:?}");
+        let missing: Vec<_> = keys.difference(listed).collect();
+        let stale: Vec<_> = listed.difference(&keys).collect();
+        assert!(
+            missing.is_empty() && stale.is_empty(),
+            "{what}: undocumented keys {missing:?}, unknown keys {stale:?}"
+        );
+    }
+
+    #[test]
+    fn readme_configuration_table_lists_every_key() {
+        let readme = include_str!("../../README.md");
+        let listed: std::collections::BTreeSet<String> = readme
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split_once('`'))
+            .map(|(key, _)| key.to_owned())
+            .filter(|key| key.contains('.') && !key.contains(' '))
+            .collect();
+        assert_lists_struct_keys("README configuration table", &listed);
+    }
+
+    #[test]
+    fn dotted_property_keys_are_flattened() {
+        let toml = format!(
+            "{MINIMAL}\n[broker.kafka.properties]\ncompression.type = \"lz4\"\nlinger.ms = 10\n"
+        );
+        let config = parse(&toml).expect("valid");
+        let props = &config.broker.kafka.unwrap().properties;
+        assert_eq!(
+            props.get("compression.type").map(String::as_str),
+            Some("lz4")
+        );
+        assert_eq!(props.get("linger.ms").map(String::as_str), Some("10"));
+    }
+
+    #[test]
+    fn passthrough_properties_are_allow_listed() {
+        let with = |props: &str| format!("{MINIMAL}\n[broker.kafka.properties]\n{props}\n");
+        for forbidden in [
+            "\"plugin.library.paths\" = \"/tmp/evil.so\"",
+            "\"sasl.kerberos.kinit.cmd\" = \"rm -rf /\"",
+            "\"ssl.engine.location\" = \"/tmp/engine.so\"",
+            "\"ssl.providers\" = \"legacy\"",
+        ] {
+            let err = parse(&with(forbidden)).expect_err(forbidden).to_string();
+            assert!(err.contains("loads code or runs a command"), "{err}");
+        }
+        let err = parse(&with("\"transactional.id\" = \"x\""))
+            .expect_err("not allowed")
+            .to_string();
+        assert!(
+            err.contains("transactional.id") && err.contains("allow-list"),
+            "{err}"
+        );
+        let err = parse(&with("\"enable.ssl.certificate.verification\" = \"false\""))
+            .expect_err("unsafe")
+            .to_string();
+        assert!(err.contains("unsafe = true"), "{err}");
+        let unsafe_ok = with("\"enable.ssl.certificate.verification\" = \"false\"").replace(
+            "brokers = \"127.0.0.1:9092\"",
+            "brokers = \"127.0.0.1:9092\"\nunsafe = true",
+        );
+        parse(&unsafe_ok).expect("allowed with unsafe = true");
+        parse(&with(
+            "compression.type = \"zstd\"\nlinger.ms = 20\n\"security.protocol\" = \"plaintext\"",
+        ))
+        .expect("ordinary producer settings pass");
+    }
+
+    #[test]
+    fn weakening_acks_is_refused_naming_the_property() {
+        let toml = format!("{MINIMAL}\n[broker.kafka.properties]\nacks = \"1\"\n");
+        let err = parse(&toml)
+            .expect_err("acks=1 must be refused")
+            .to_string();
+        assert!(err.contains("broker.kafka.properties.\"acks\""), "{err}");
+    }
+
+    #[test]
+    fn short_lease_against_kafka_timeout_is_refused() {
+        let toml = MINIMAL.replace("[broker]", "[relay]\nlease_duration = \"10s\"\n[broker]");
+        let err = parse(&toml).expect_err("lease too short").to_string();
+        assert!(err.contains("relay.lease_duration"), "{err}");
+    }
+
+    #[test]
+    fn a_delivery_timeout_no_lease_can_cover_is_refused() {
+        let toml = format!("{MINIMAL}\n[broker.kafka.properties]\n\"message.timeout.ms\" = 0\n");
+        let err = parse(&toml).expect_err("0 = no timeout").to_string();
+        assert!(err.contains("message.timeout.ms"), "{err}");
+    }
+
+    #[test]
+    fn a_lease_shorter_than_two_rabbitmq_confirm_timeouts_is_refused() {
+        let rabbit = |lease: &str| {
+            format!(
+                "[database]\nurl = \"postgres://postgres@127.0.0.1:5432/app\"\n[relay]\nlease_duration = \"{lease}\"\n[broker]\nkind = \"rabbitmq\"\n[broker.rabbitmq]\nurl = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\nconfirm_timeout = \"30s\"\n"
+            )
+        };
+        let err = parse(&rabbit("59s")).expect_err("too short").to_string();
+        assert!(
+            err.contains("relay.lease_duration") && err.contains("confirm_timeout"),
+            "{err}"
+        );
+        parse(&rabbit("60s")).expect("twice the confirm timeout");
+    }
+
+    #[test]
+    fn kafka_properties_never_show_their_values_in_debug_output() {
+        let toml = format!(
+            "{MINIMAL}\n[broker.kafka.properties]\n\"sasl.password\" = \"sentinel-secret\"\n"
+        );
+        let (config, settings) = parse_with_settings(&toml).expect("valid");
+        let shown = format!("{config:?}");
+        assert!(shown.contains("sasl.password"), "the name is shown");
+        assert!(!shown.contains("sentinel-secret"), "{shown}");
+        let parsed = format!("{settings:?}");
+        assert!(!parsed.contains("sentinel-secret"), "{parsed}");
+    }
+
+    #[test]
+    fn max_backoff_below_initial_is_refused() {
+        let toml = MINIMAL.replace(
+            "[broker]",
+            "[retry]\ninitial_backoff = \"10s\"\nmax_backoff = \"1s\"\n[broker]",
+        );
+        let err = parse(&toml).expect_err("bad backoff").to_string();
+        assert!(err.contains("retry.max_backoff"), "{err}");
+    }
+
+    #[test]
+    fn the_broker_section_is_still_accepted_under_its_old_name_sink() {
+        let old = MINIMAL
+            .replace("[broker]", "[sink]")
+            .replace("[broker.kafka]", "[sink.kafka]");
+        let (config, settings) = parse_with_settings(&old).expect("[sink] still loads");
+        assert_eq!(config.broker.kind, BrokerKind::Kafka);
+        assert!(matches!(settings.broker, BrokerSettings::Kafka { .. }));
+    }
+
+    #[test]
+    fn parsed_settings_carry_typed_values() {
+        let toml = MINIMAL.replace(
+            "[broker]",
+            "[retry]\ndead_letter_destination = \"dead.{aggregate_type}\"\n[broker]",
+        );
+        let (_, settings) = parse_with_settings(&toml).expect("valid");
+        assert_eq!(settings.database.table.to_string(), "outbox");
+        assert_eq!(settings.database.connect.get_host(), "127.0.0.1");
+        assert!(settings.retry.dead_letter_destination.is_some());
+        assert!(settings.retry.parks());
+        assert_eq!(settings.http, None);
+    }
+
+    #[test]
+    fn missing_broker_section_is_named() {
+        let toml = MINIMAL.replace("kind = \"kafka\"", "kind = \"rabbitmq\"");
+        let err = parse(&toml).expect_err("no rabbitmq section").to_string();
+        assert!(err.contains("broker.rabbitmq"), "{err}");
+    }
+}
