@@ -7,7 +7,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use serde_json::json;
 
-use crate::support::{Broker, Outbox, wait_until};
+use crate::support::{Broker, Outbox, metric, wait_until};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -299,10 +299,16 @@ pub async fn a_broker_outage_does_not_use_up_attempts(broker: Broker) {
     outbox.insert("order", "o-1", 0..3).await;
 
     // WHEN it has tried to publish several times
-    let relay = outbox.start();
+    let (relay, metrics) = outbox.start_observed();
     relay.wait_for_log("broker unavailable", WAIT).await;
     wait_until(WAIT, "a few delivery attempts", || async {
-        relay.logs().matches("publish failed transiently").count() >= 9
+        let failed = metric(
+            metrics,
+            "outbox_relay_publish_errors_total",
+            &[("class", "transient")],
+        )
+        .await;
+        failed.is_some_and(|n| n >= 9.0)
     })
     .await;
 
@@ -346,8 +352,8 @@ pub async fn two_instances_publish_each_event_once_in_order(broker: Broker) {
     let total = 3_000;
 
     // WHEN both drain the backlog, with more events arriving meanwhile
-    let first = outbox.start();
-    let second = outbox.start();
+    let (first, first_metrics) = outbox.start_observed();
+    let (second, second_metrics) = outbox.start_observed();
     for aggregate in 0..30 {
         outbox
             .insert("acct", &format!("a-{aggregate}"), 100..110)
@@ -368,10 +374,12 @@ pub async fn two_instances_publish_each_event_once_in_order(broker: Broker) {
         *expected += 1;
     }
     // AND both instances did part of the work
-    for relay in [&first, &second] {
+    for (relay, metrics) in [(&first, first_metrics), (&second, second_metrics)] {
+        let published = metric(metrics, "outbox_relay_events_published_total", &[]).await;
         assert!(
-            relay.logs().contains("batch settled rows="),
-            "an instance published nothing"
+            published.is_some_and(|n| n > 0.0),
+            "an instance published nothing ({published:?}): {}",
+            relay.logs()
         );
     }
 }

@@ -261,6 +261,11 @@ impl Outbox {
 
     /// Writes the relay's config file and returns its path.
     pub fn config_file(&self) -> PathBuf {
+        self.config_file_named("relay.toml", self.http)
+    }
+
+    /// The config file `name`, with the HTTP listener on `http` (if any) instead of `self.http`.
+    fn config_file_named(&self, name: &str, http: Option<std::net::SocketAddr>) -> PathBuf {
         let section = |name: &str, entries: &BTreeMap<&'static str, String>| {
             let mut text = format!("[{name}]\n");
             for (key, value) in entries {
@@ -309,13 +314,12 @@ impl Outbox {
             },
             section("retention", &self.retention),
             "[log]\nformat = \"text\"\nlevel = \"info,outbox_relay=debug\"\n".to_owned(),
-            self.http
-                .map(|addr| format!("[http]\nlisten = \"{addr}\"\n"))
+            http.map(|addr| format!("[http]\nlisten = \"{addr}\"\n"))
                 .unwrap_or_default(),
         ]
         .join("\n");
         // Written aside and renamed, so concurrent commands never read a half-written file.
-        let path = self.dir.path().join("relay.toml");
+        let path = self.dir.path().join(name);
         let partial = self.dir.path().join(unique("relay.toml.partial"));
         std::fs::write(&partial, text).expect("write config");
         std::fs::rename(&partial, &path).expect("move config into place");
@@ -337,6 +341,15 @@ impl Outbox {
             self.config_file(),
             self.dir.path().join(unique("relay-log")),
         )
+    }
+
+    /// Starts `outbox-relay run` in the background with an HTTP listener of its own, so a test
+    /// can ask this instance for its metrics ([`metric`]); returns the listener's address.
+    pub fn start_observed(&self) -> (RelayProcess, std::net::SocketAddr) {
+        let addr = free_address();
+        let config = self.config_file_named(&unique("relay-observed.toml"), Some(addr));
+        let relay = RelayProcess::start(config, self.dir.path().join(unique("relay-log")));
+        (relay, addr)
     }
 
     /// Inserts events `seqs` for one aggregate in one committed transaction; payload and header
@@ -654,6 +667,30 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, St
         .map_or("", |(_, b)| b)
         .to_owned();
     Some((status, body))
+}
+
+/// Asks the relay listening on `addr` for `name`: the sum of its samples whose labels contain
+/// every `label=value` given; `None` while it does not answer or has no such sample.
+pub async fn metric(
+    addr: std::net::SocketAddr,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    let (200, body) = http_get(addr, "/metrics").await? else {
+        return None;
+    };
+    let samples: Vec<f64> = body
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!samples.is_empty()).then(|| samples.iter().sum())
 }
 
 /// The value of the first sample of `metric` whose labels contain every `label=value` given.

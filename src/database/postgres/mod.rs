@@ -964,3 +964,105 @@ fn decode_row(row: &PgRow, meta: Picked) -> Result<OutboxRow, sqlx::Error> {
         abandoned: meta.abandoned,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    //! The claim against the real PostgreSQL (`TEST_DATABASE_URL`, a server URL; default the
+    //! local one), each test on a table of its own in the `postgres` database.
+
+    use super::*;
+    use crate::database::postgres::config::DatabaseConfig;
+
+    #[test]
+    fn the_row_budget_follows_what_the_byte_bound_kept() {
+        assert_eq!(next_row_budget(2000, 4, 3), 4, "cut: about as many as kept");
+        assert_eq!(next_row_budget(2000, 2000, 2000), 4000, "full: twice");
+        assert_eq!(
+            next_row_budget(2000, 10, 10),
+            2000,
+            "short: the limit again"
+        );
+        assert_eq!(next_row_budget(u32::MAX, 1, 1), u32::MAX);
+    }
+
+    /// A migrated table of its own, and the relay's statements on it under `max_batch_bytes`.
+    async fn store(max_batch_bytes: u64) -> (Postgres, sqlx::PgConnection, Table) {
+        let server = std::env::var("TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());
+        let name = format!("claim_{}", uuid::Uuid::new_v4().simple());
+        let config: DatabaseConfig = serde_json::from_value(serde_json::json!({
+            "url": format!("{server}/postgres"),
+            "table": name,
+        }))
+        .expect("a database section");
+        let settings = config.validate().expect("valid");
+        let mut conn = schema::connect(&settings.connect).await.expect("connect");
+        schema::migrate(&mut conn, &settings.table, false)
+            .await
+            .expect("migrate");
+        let store = Postgres::new(
+            Connections::new(&settings),
+            settings.statement_timeout,
+            &settings.table,
+            ClaimRules {
+                park_dead: true,
+                commit_order_guard: true,
+                max_batch_bytes,
+            },
+        );
+        (store, conn, settings.table)
+    }
+
+    #[tokio::test]
+    async fn a_claim_stops_at_the_byte_bound_and_the_next_asks_for_about_as_many_rows() {
+        // GIVEN 12 events of ~1.5 KB of JSON text each (stored as is, under the 2 KB TOAST
+        // threshold) and a bound of 4 KiB, which 3 of them reach
+        let (store, mut conn, table) = store(4096).await;
+        sqlx::query(sql(format!(
+            "insert into {} (aggregate_type, aggregate_id, event_type, payload)
+             select 'order', 'big', 'happened', jsonb_build_object('seq', g, 'data', repeat('x', 1500))
+             from generate_series(0, 11) g",
+            table.quoted()
+        )))
+        .execute(&mut conn)
+        .await
+        .expect("insert");
+
+        // WHEN the rows are claimed and marked, batch after batch
+        let mut sizes = Vec::new();
+        let mut budgets = Vec::new();
+        while let Some(batch) = store
+            .claim(2000, Duration::from_secs(60))
+            .await
+            .expect("claim")
+            .batch
+        {
+            sizes.push(batch.rows.len());
+            budgets.push(store.row_budget.load(Ordering::Relaxed));
+            let ids: Vec<i64> = batch.rows.iter().map(|r| r.id).collect();
+            assert_eq!(
+                store.mark(&ids, batch.lease).await.expect("mark"),
+                ids.len() as u64
+            );
+        }
+
+        // THEN no batch held more than 3, all 12 were claimed, in order of the claims
+        assert!(
+            sizes.iter().all(|n| (1..=3).contains(n)),
+            "batch sizes {sizes:?}"
+        );
+        assert_eq!(sizes.iter().sum::<usize>(), 12, "batch sizes {sizes:?}");
+        // AND once a claim was cut, the next ones asked for about as many rows as it kept (3,
+        // plus a quarter, plus one), not for a whole batch of rows to read and leave
+        assert!(budgets.iter().all(|n| *n <= 4), "row budgets {budgets:?}");
+        let drop = format!(
+            "drop table {} cascade; drop table {} cascade",
+            table.quoted(),
+            table.companion("leases")
+        );
+        sqlx::raw_sql(sql(drop))
+            .execute(&mut conn)
+            .await
+            .expect("drop");
+    }
+}
