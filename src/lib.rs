@@ -10,8 +10,10 @@
 //! - [`cli`]: the `outbox-relay` command line (`run`, `migrate`, `check`, `status`, `requeue`)
 //!   and exit codes; the composition root.
 //! - [`config`]: the file as written, its loading and secret files, and the typed
-//!   `Settings` it is parsed into once; `config::constraint` is the shared validation
-//!   vocabulary (the error naming a key).
+//!   `Settings` it is parsed into once.
+//! - `constraint`: the validation vocabulary every section uses (the error naming a key and
+//!   the constraint, shared checks); a leaf, so sections owned by components import it
+//!   without a cycle back to `config`.
 //! - `database`: one module per database family. `database::postgres`: the outbox
 //!   statements (claim with the commit-order guard, mark, retry, release, retention), the
 //!   connection pool, `[database]`, the table name, `migrate` and the schema check, and the
@@ -36,6 +38,7 @@
 pub(crate) mod broker;
 pub mod cli;
 pub mod config;
+pub(crate) mod constraint;
 pub(crate) mod database;
 pub mod health;
 pub(crate) mod outbox;

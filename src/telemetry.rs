@@ -8,7 +8,7 @@ use tracing_subscriber::EnvFilter;
 
 use serde::Deserialize;
 
-use crate::config::constraint::{ConfigError, invalid};
+use crate::constraint::{ConfigError, invalid};
 
 /// `[log]`
 #[derive(Debug, Deserialize)]

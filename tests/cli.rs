@@ -386,21 +386,40 @@ async fn relay_keeps_retrying_an_unreachable_database() {
 
 #[tokio::test]
 async fn one_environment_variable_switches_the_broker() {
-    // GIVEN a config for Kafka that also has a [sink.rabbitmq] section
+    // GIVEN a config for Kafka that also has a [broker.rabbitmq] section
     let outbox = Outbox::new().await;
     let config = outbox.config_file();
     let text = std::fs::read_to_string(&config).unwrap();
-    assert!(text.contains("\"kind\" = \"kafka\"") && text.contains("[sink.rabbitmq]"));
-    // WHEN OUTBOX_RELAY__SINK__KIND=rabbitmq is set
+    assert!(text.contains("\"kind\" = \"kafka\"") && text.contains("[broker.rabbitmq]"));
+    // WHEN OUTBOX_RELAY__BROKER__KIND=rabbitmq is set
     let out = run_binary(
         &config,
         &["check"],
-        &[("OUTBOX_RELAY__SINK__KIND", "rabbitmq")],
+        &[("OUTBOX_RELAY__BROKER__KIND", "rabbitmq")],
     );
     // THEN the relay talks to RabbitMQ instead
     assert_eq!(out.code(), Some(0), "{out:?}");
     assert!(out.stdout.contains("rabbitmq: reachable"), "{out:?}");
     assert!(!out.stdout.contains("kafka: reachable"), "{out:?}");
+}
+
+#[tokio::test]
+async fn a_configuration_written_before_the_broker_section_was_renamed_still_works() {
+    // GIVEN the same config spelled as before 0.2: [sink], [sink.kafka], [sink.rabbitmq]
+    let outbox = Outbox::new().await;
+    let text = std::fs::read_to_string(outbox.config_file())
+        .unwrap()
+        .replace("[broker", "[sink");
+    assert!(text.contains("[sink]") && !text.contains("[broker"));
+    // WHEN the old variable OUTBOX_RELAY__SINK__KIND=rabbitmq switches it
+    let out = with_config(
+        &text,
+        &[("OUTBOX_RELAY__SINK__KIND", "rabbitmq")],
+        &["check"],
+    );
+    // THEN it loads and talks to RabbitMQ, as it did
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert!(out.stdout.contains("rabbitmq: reachable"), "{out:?}");
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use super::Allowed;
 use super::kafka::config::{KafkaConfig, KafkaSettings};
 use super::rabbitmq::config::{RabbitMqConfig, RabbitMqSettings};
-use crate::config::constraint::{ConfigError, invalid};
+use crate::constraint::{ConfigError, invalid};
 
 /// `[broker]`: `kind` selects one of the sections below; the other may stay configured, so
 /// switching brokers is one environment variable (`OUTBOX_RELAY__BROKER__KIND`).

@@ -8,13 +8,11 @@
 //! ([`crate::health`]). This module puts the sections together, reads the secret files and
 //! checks what spans sections. Every struct rejects unknown keys, durations are humantime
 //! strings (`"500ms"`, `"5m"`), and each error names the offending key and the constraint it
-//! broke ([`constraint`]). The reference file `config/outbox-relay.toml` documents every key
+//! broke ([`crate::constraint`]). The reference file `config/outbox-relay.toml` documents every key
 //! with its default; a unit test keeps the two in step.
 //!
 //! Renamed keys keep working under their old spelling: `[sink]` is `[broker]` since 0.2 (the
 //! broker is no longer only where events go), and `OUTBOX_RELAY__SINK__…` variables still apply.
-
-pub(crate) mod constraint;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -22,8 +20,8 @@ use std::path::Path;
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 
-pub use constraint::ConfigError;
-use constraint::{read_secret, resolve_url};
+pub use crate::constraint::ConfigError;
+use crate::constraint::{read_secret, resolve_url};
 
 use crate::broker::config::{BrokerConfig, BrokerSettings};
 use crate::database::postgres::config::{DatabaseConfig, DatabaseSettings};

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::broker::template::Template;
-use crate::config::constraint::{ConfigError, at_least, invalid, yes};
+use crate::constraint::{ConfigError, at_least, invalid, yes};
 use crate::runtime::backoff;
 
 /// `[relay]`

@@ -1113,4 +1113,354 @@ mod tests {
             Some(MAX_ENDED_LEASES as i64 + 9)
         );
     }
+
+    /// The loop over an outbox and a broker in memory: the same seams as PostgreSQL and Kafka,
+    /// with faults injected where a test wants them.
+    mod in_memory {
+        use std::collections::HashMap;
+        use std::sync::{Arc, Mutex};
+        use std::time::{Duration, Instant};
+
+        use chrono::{DateTime, Utc};
+        use tokio::sync::Notify;
+        use tokio_util::sync::CancellationToken;
+
+        use super::super::{Relay, Stopped};
+        use crate::broker::template::Template;
+        use crate::broker::{
+            HoldBack, NotAttempted, Outcome, Outcomes, ProbeError, Producer, PublishError,
+        };
+        use crate::database::DatabaseError;
+        use crate::health::Health;
+        use crate::outbox::config::{OnDeadLetter, RelayConfig, RetryPolicy};
+        use crate::outbox::store::{Claimed, Failure, Store};
+        use crate::outbox::{Batch, Lease, OutboxRow};
+
+        /// One row and what the store knows of it.
+        #[derive(Debug, Clone)]
+        struct Stored {
+            row: OutboxRow,
+            published: bool,
+            dead: bool,
+            lease: Option<i64>,
+            due: Option<Instant>,
+            /// Attempts charged so far.
+            attempts: i32,
+        }
+
+        /// The outbox table in memory, keeping the [`Store`] contract (leases fence settling,
+        /// a claim skips aggregates with a leased, waiting or dead row).
+        #[derive(Debug, Clone, Default)]
+        struct MemoryStore {
+            rows: Arc<Mutex<Vec<Stored>>>,
+            next_lease: Arc<Mutex<i64>>,
+        }
+
+        impl MemoryStore {
+            fn with_rows(rows: Vec<OutboxRow>) -> Self {
+                let rows = rows
+                    .into_iter()
+                    .map(|row| Stored {
+                        row,
+                        published: false,
+                        dead: false,
+                        lease: None,
+                        due: None,
+                        attempts: 0,
+                    })
+                    .collect();
+                Self {
+                    rows: Arc::new(Mutex::new(rows)),
+                    next_lease: Arc::default(),
+                }
+            }
+
+            fn snapshot(&self) -> Vec<Stored> {
+                self.rows.lock().unwrap().clone()
+            }
+
+            /// Applies `change` to the rows of `ids` still in `lease`; returns how many.
+            fn settle(&self, ids: &[i64], lease: Lease, change: impl Fn(&mut Stored)) -> u64 {
+                let mut rows = self.rows.lock().unwrap();
+                let mut changed = 0;
+                for stored in rows.iter_mut() {
+                    if ids.contains(&stored.row.id) && stored.lease == Some(lease.id) {
+                        change(stored);
+                        changed += 1;
+                    }
+                }
+                changed
+            }
+        }
+
+        impl Store for MemoryStore {
+            async fn claim(
+                &self,
+                limit: u32,
+                lease_duration: Duration,
+            ) -> Result<Claimed, DatabaseError> {
+                let mut rows = self.rows.lock().unwrap();
+                let now = Instant::now();
+                let blocked: Vec<String> = rows
+                    .iter()
+                    .filter(|s| {
+                        !s.published
+                            && (s.lease.is_some() || s.dead || s.due.is_some_and(|d| d > now))
+                    })
+                    .map(|s| s.row.aggregate_id.clone())
+                    .collect();
+                let lease = {
+                    let mut next = self.next_lease.lock().unwrap();
+                    *next += 1;
+                    Lease {
+                        id: *next,
+                        until: Utc::now() + lease_duration,
+                    }
+                };
+                let mut batch = Vec::new();
+                for stored in rows.iter_mut() {
+                    if batch.len() == limit as usize {
+                        break;
+                    }
+                    if stored.published || blocked.contains(&stored.row.aggregate_id) {
+                        continue;
+                    }
+                    stored.lease = Some(lease.id);
+                    batch.push(OutboxRow {
+                        attempts: stored.attempts + 1,
+                        ..stored.row.clone()
+                    });
+                }
+                let full = batch.len() == limit as usize;
+                Ok(Claimed {
+                    batch: (!batch.is_empty()).then_some(Batch {
+                        rows: batch,
+                        lease,
+                        full,
+                    }),
+                    held_back: false,
+                })
+            }
+
+            async fn mark(&self, ids: &[i64], lease: Lease) -> Result<u64, DatabaseError> {
+                let marked = self.settle(ids, lease, |s| {
+                    s.published = true;
+                    s.attempts += 1;
+                });
+                // The mark ends the lease: its rows without an outcome are given back.
+                let every: Vec<i64> = self.snapshot().iter().map(|s| s.row.id).collect();
+                self.settle(&every, lease, |s| s.lease = None);
+                Ok(marked)
+            }
+
+            async fn record_failures(
+                &self,
+                failures: &[Failure],
+                lease: Lease,
+            ) -> Result<u64, DatabaseError> {
+                let mut changed = 0;
+                for failure in failures {
+                    changed += self.settle(&[failure.id], lease, |s| {
+                        s.lease = None;
+                        if !failure.deferred {
+                            s.attempts += 1;
+                        }
+                        s.dead = failure.dead;
+                        s.due = Some(Instant::now() + failure.retry_in);
+                    });
+                }
+                Ok(changed)
+            }
+
+            async fn release(
+                &self,
+                ids: &[i64],
+                lease: Lease,
+                _error: Option<&str>,
+            ) -> Result<u64, DatabaseError> {
+                Ok(self.settle(ids, lease, |s| s.lease = None))
+            }
+
+            async fn release_lease(&self, lease: Lease) -> Result<u64, DatabaseError> {
+                let every: Vec<i64> = self.snapshot().iter().map(|s| s.row.id).collect();
+                Ok(self.settle(&every, lease, |s| s.lease = None))
+            }
+
+            async fn forget_leases(&self, _leases: &[Lease]) -> Result<u64, DatabaseError> {
+                Ok(0)
+            }
+
+            async fn delete_older(
+                &self,
+                _dead: bool,
+                _age: Duration,
+                _limit: u32,
+            ) -> Result<u64, DatabaseError> {
+                Ok(0)
+            }
+
+            async fn pending(&self) -> Result<(i64, Option<DateTime<Utc>>), DatabaseError> {
+                let rows = self.rows.lock().unwrap();
+                let pending = rows.iter().filter(|s| !s.published && !s.dead).count();
+                Ok((pending as i64, None))
+            }
+        }
+
+        /// A broker in memory: down for the first `outage` publishes, refusing every row of
+        /// aggregate `poison` before the wire (holding back its later rows, as the contract
+        /// says), and acknowledging the rest, which it keeps in order.
+        #[derive(Debug, Default)]
+        struct MemoryBroker {
+            outage: Mutex<u32>,
+            received: Mutex<Vec<OutboxRow>>,
+        }
+
+        impl Producer for MemoryBroker {
+            fn name(&self) -> &'static str {
+                "memory"
+            }
+
+            async fn publish(&self, rows: &[OutboxRow]) -> Outcomes {
+                {
+                    let mut outage = self.outage.lock().unwrap();
+                    if *outage > 0 {
+                        *outage -= 1;
+                        return rows
+                            .iter()
+                            .map(|_| Outcome::Failed(PublishError::ConfirmTimeout))
+                            .collect();
+                    }
+                }
+                // The contract's hold-back: a row refused before the wire stops its aggregate.
+                let mut hold_back = HoldBack::default();
+                rows.iter()
+                    .map(|row| {
+                        if hold_back.holds(row) {
+                            Outcome::NotAttempted(NotAttempted::HeldBack)
+                        } else if row.aggregate_id == "poison" {
+                            hold_back.stop(row);
+                            Outcome::Failed(PublishError::TooLarge { size: 2, limit: 1 })
+                        } else {
+                            self.received.lock().unwrap().push(row.clone());
+                            Outcome::Acked
+                        }
+                    })
+                    .collect()
+            }
+
+            async fn publish_to(&self, rows: &[OutboxRow], _destination: &Template) -> Outcomes {
+                rows.iter().map(|_| Outcome::Acked).collect()
+            }
+
+            fn destination(&self, _row: &OutboxRow) -> String {
+                "memory".to_owned()
+            }
+
+            async fn probe(&self, _timeout: Duration) -> Result<(), ProbeError> {
+                Ok(())
+            }
+
+            async fn flush(&self, _timeout: Duration) {}
+        }
+
+        #[tokio::test]
+        async fn the_loop_rides_out_an_outage_dead_letters_a_poison_row_and_keeps_each_aggregates_order()
+         {
+            // GIVEN 30 events of 3 aggregates plus 2 of a poison aggregate, a broker that is
+            // down for its first 2 batches, small batches and quick retries
+            let mut rows = Vec::new();
+            for n in 0..32 {
+                let aggregate = if n == 5 || n == 6 {
+                    "poison".to_owned()
+                } else {
+                    format!("a{}", n % 3)
+                };
+                rows.push(OutboxRow::sample(n + 1, &aggregate));
+            }
+            let store = MemoryStore::with_rows(rows);
+            let broker = MemoryBroker {
+                outage: Mutex::new(2),
+                ..MemoryBroker::default()
+            };
+            let settings = RelayConfig {
+                batch_size: 4,
+                poll_interval: Duration::from_millis(10),
+                ..RelayConfig::default()
+            };
+            let retry = RetryPolicy {
+                max_attempts: 2,
+                initial_backoff: Duration::from_millis(1),
+                max_backoff: Duration::from_millis(20),
+                on_dead_letter: OnDeadLetter::Park,
+                dead_letter_destination: None,
+            };
+            let health = Arc::new(Health::new(settings.poll_interval, Duration::from_secs(60)));
+            let relay = Relay::new(
+                store.clone(),
+                broker,
+                settings,
+                retry,
+                health,
+                Arc::new(Notify::new()),
+            );
+
+            // WHEN the relay runs until every row is settled for good
+            let shutdown = CancellationToken::new();
+            let done = async {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                // settled for good: published, dead, or parked behind a dead row
+                let settled = |rows: &[Stored]| {
+                    let parked = rows
+                        .iter()
+                        .any(|s| s.dead && s.row.aggregate_id == "poison");
+                    rows.iter().all(|s| {
+                        s.published || s.dead || (parked && s.row.aggregate_id == "poison")
+                    })
+                };
+                while !settled(&store.snapshot()) {
+                    assert!(
+                        Instant::now() < deadline,
+                        "not settled: {:?}",
+                        store.snapshot()
+                    );
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                shutdown.cancel();
+            };
+            let (stopped, ()) = tokio::join!(relay.run(&shutdown), done);
+
+            // THEN the outage happened (both failing publishes were used up), the relay
+            // stopped cleanly, and the outage cost no row an attempt
+            assert_eq!(
+                *relay.producer.outage.lock().unwrap(),
+                0,
+                "the outage fired"
+            );
+            assert_eq!(stopped, Stopped::Clean);
+            let stored = store.snapshot();
+            for s in stored.iter().filter(|s| s.row.aggregate_id != "poison") {
+                assert!(s.published && s.attempts == 1, "{s:?}");
+            }
+            // AND the poison aggregate's first row was dead-lettered after its 2 attempts,
+            // parking the second
+            let poison: Vec<&Stored> = stored
+                .iter()
+                .filter(|s| s.row.aggregate_id == "poison")
+                .collect();
+            assert!(poison[0].dead && poison[0].attempts == 2, "{:?}", poison[0]);
+            assert!(!poison[1].published && !poison[1].dead && poison[1].attempts == 0);
+            // AND each aggregate arrived in id order, exactly once
+            let received = relay.producer.received.lock().unwrap().clone();
+            assert_eq!(received.len(), 30);
+            let mut last: HashMap<&str, i64> = HashMap::new();
+            for row in &received {
+                let before = last.insert(row.aggregate_id.as_str(), row.id);
+                assert!(
+                    before.is_none_or(|b| b < row.id),
+                    "order of {}",
+                    row.aggregate_id
+                );
+            }
+        }
+    }
 }

@@ -9,7 +9,7 @@ use rdkafka::ClientConfig;
 use serde::Deserialize;
 
 use crate::broker::template::Template;
-use crate::config::constraint::{ConfigError, host_of, invalid, is_loopback};
+use crate::constraint::{ConfigError, host_of, invalid, is_loopback};
 
 /// `[broker.kafka]`
 #[derive(Deserialize)]

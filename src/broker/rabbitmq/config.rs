@@ -9,7 +9,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::broker::template::Template;
-use crate::config::constraint::{ConfigError, at_least, invalid, is_loopback, yes};
+use crate::constraint::{ConfigError, at_least, invalid, is_loopback, yes};
 
 /// `[broker.rabbitmq]`
 #[derive(Debug, Deserialize)]

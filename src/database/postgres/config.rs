@@ -8,7 +8,7 @@ use serde::Deserialize;
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 
 use super::{APPLICATION_NAME, IDLE_IN_TRANSACTION_TIMEOUT, Table};
-use crate::config::constraint::{ConfigError, at_least, invalid, is_loopback, yes};
+use crate::constraint::{ConfigError, at_least, invalid, is_loopback, yes};
 
 /// `[database]`
 #[derive(Debug, Deserialize)]

@@ -1,6 +1,7 @@
 //! The vocabulary every configuration section validates with: the error that names a key and
 //! the constraint it broke, and the shared checks (durations, loopback hosts, secret files).
-//! A leaf module: the sections, owned by their components, import it; it imports none of them.
+//! A leaf module: the sections, owned by their components, and `config`, which puts them
+//! together, import it; it imports none of them.
 
 use std::time::Duration;
 
