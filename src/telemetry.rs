@@ -118,7 +118,9 @@ impl fmt::Display for ErrorChain<'_> {
     }
 }
 
-/// Metric names, all exported on `/metrics` when `[http] listen` is set.
+/// Metric names, all exported on `/metrics` when `[http] listen` is set. The `sink` label is the
+/// broker (`kafka`, `rabbitmq`, `discard`); it keeps the name it had before `[sink]` became
+/// `[broker]`, so dashboards and alerts written against it go on working.
 pub mod metric {
     /// Counter, labels `sink`, `destination`: rows marked published.
     pub const EVENTS_PUBLISHED: &str = "outbox_relay_events_published_total";

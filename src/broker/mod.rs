@@ -195,7 +195,7 @@ impl<'r> HoldBack<'r> {
 ///   unpublished and it is sent again later. The message may nevertheless have reached the broker
 ///   (e.g. a timeout after the broker stored it), so consumers deduplicate on `event_id`, which
 ///   every message carries.
-/// - **Order.** Rows are given in `id` order; a sink puts the messages of one aggregate on the
+/// - **Order.** Rows are given in `id` order; a producer puts the messages of one aggregate on the
 ///   wire in that order (one Kafka partition via the key, one AMQP channel), and once a row of an
 ///   aggregate fails before it reached the wire, the later rows of that aggregate in the batch are
 ///   not sent ([`NotAttempted::HeldBack`], kept by [`HoldBack`]). A row the broker rejects *after* a later row of the

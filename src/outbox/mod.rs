@@ -53,7 +53,7 @@ pub(crate) async fn run(
     );
     tracing::info!(
         table = %table,
-        sink = %broker,
+        broker = %broker,
         batch_size = settings.relay.batch_size,
         max_in_flight_batches = settings.relay.max_in_flight_batches,
         "relay started"
