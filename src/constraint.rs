@@ -24,7 +24,7 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    /// The same error with keys of `[broker]` spelled as `[sink]`, their name before 0.2,
+    /// The same error with keys of `[broker]` spelled as `[sink]`, their earlier name,
     /// for a file that still uses it.
     pub(crate) fn in_old_spelling(self) -> Self {
         let old = |text: String| {

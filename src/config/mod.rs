@@ -11,7 +11,7 @@
 //! broke ([`crate::constraint`]). The reference file `config/outbox-relay.toml` documents every key
 //! with its default; a unit test keeps the two in step.
 //!
-//! Renamed keys keep working under their old spelling: `[sink]` is `[broker]` since 0.2 (the
+//! Renamed keys keep working under their old spelling: `[sink]` is `[broker]` since 2026-12 (the
 //! broker is no longer only where events go), and `OUTBOX_RELAY__SINK__…` variables still apply.
 
 use std::net::SocketAddr;
@@ -45,7 +45,7 @@ pub struct Config {
     /// What happens to a row whose publish failed.
     #[serde(default)]
     pub retry: RetryConfig,
-    /// Which broker events go to. Also accepted as `[sink]`, its name before 0.2.
+    /// Which broker events go to. Also accepted as `[sink]`, its name until 2026-12.
     #[serde(alias = "sink")]
     pub broker: BrokerConfig,
     /// Log output.
