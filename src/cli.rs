@@ -2,6 +2,9 @@
 //!
 //! Exit codes: 0 success; 2 bad usage or invalid configuration (reported before any connection
 //! is made); 1 runtime failure.
+//!
+//! This is the composition root: the only place that picks the concrete database and broker
+//! from the settings and hands them to the outbox relay.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,12 +12,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, Producer};
 use crate::config::{Config, Settings};
-use crate::database::postgres::{self as store, schema};
-use crate::outbox::relay::Stopped;
+use crate::database::postgres::{self as store, Connections, Postgres, listener, schema};
+use crate::health::Health;
+use crate::outbox::config::OnDeadLetter;
+use crate::outbox::relay::{Relay, Stopped};
+use crate::outbox::retention;
+use crate::outbox::store::ClaimRules;
 use crate::telemetry::{self, ErrorChain};
 
 /// Transactional-outbox relay: publishes PostgreSQL outbox rows to Kafka or RabbitMQ.
@@ -130,23 +138,27 @@ pub fn execute(cli: Cli) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// Builds the broker client; `None` (reported) when it cannot be created.
+/// The broker the outbox publishes to, named to the broker after the table; `None`
+/// (reported) when the client cannot be created.
 fn broker(config: &Settings) -> Option<Broker> {
-    crate::outbox::broker(config)
-        .map_err(|err| {
-            eprintln!(
-                "error: cannot create the Kafka producer: {}",
-                ErrorChain(&err)
-            )
-        })
-        .ok()
+    Broker::new(
+        &config.broker,
+        format!("outbox-relay {}", config.database.table),
+    )
+    .map_err(|err| {
+        eprintln!(
+            "error: cannot create the Kafka producer: {}",
+            ErrorChain(&err)
+        )
+    })
+    .ok()
 }
 
 async fn run(config: &Settings) -> u8 {
     let Some(broker) = broker(config) else {
         return EXIT_RUNTIME;
     };
-    let health = crate::outbox::health(config);
+    let health = outbox_health(config);
     let shutdown = CancellationToken::new();
     let signals = match crate::runtime::shutdown::on_signal(shutdown.clone()) {
         Ok(task) => task,
@@ -178,7 +190,7 @@ async fn run(config: &Settings) -> u8 {
             }
         }
     };
-    let stopped = crate::outbox::run(config, broker, health, shutdown).await;
+    let stopped = run_outbox(config, broker, health, shutdown).await;
     signals.abort();
     http_stop.cancel();
     if let Some(http) = http {
@@ -192,6 +204,93 @@ async fn run(config: &Settings) -> u8 {
         Stopped::Clean => 0,
         Stopped::Abandoned => EXIT_RUNTIME,
     }
+}
+
+/// Runs the outbox direction until `shutdown`: the relay loop over the configured database
+/// and `broker`, with the LISTEN wake-up task (when `relay.listen`) and retention beside it,
+/// stopped when the loop ends. No connection is made before the loop's first claim.
+async fn run_outbox(
+    settings: &Settings,
+    broker: Broker,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> Stopped {
+    let database = &settings.database;
+    let table = &database.table;
+    let store = Postgres::new(
+        Connections::new(database),
+        database.statement_timeout,
+        table,
+        ClaimRules {
+            park_dead: settings.retry.on_dead_letter == OnDeadLetter::Park,
+            commit_order_guard: settings.relay.commit_order_guard,
+            max_batch_bytes: settings.relay.max_batch_bytes,
+        },
+    );
+    tracing::info!(
+        table = %table,
+        broker = %broker,
+        batch_size = settings.relay.batch_size,
+        max_in_flight_batches = settings.relay.max_in_flight_batches,
+        "relay started"
+    );
+    if matches!(broker, Broker::Discard) {
+        tracing::warn!(
+            "broker.kind = \"discard\": rows are marked published without being sent anywhere"
+        );
+    }
+    let wakeup = Arc::new(Notify::new());
+    let tasks_stop = shutdown.child_token();
+    // LISTEN has a one-connection pool of its own, so the claims never lose one to it.
+    let listener = settings.relay.listen.then(|| {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(database.connect.clone());
+        tokio::spawn(listener::run(
+            pool,
+            table.clone(),
+            Arc::clone(&wakeup),
+            tasks_stop.clone(),
+        ))
+    });
+    let retention = tokio::spawn(retention::run(
+        store.clone(),
+        settings.retention.clone(),
+        tasks_stop.clone(),
+    ));
+
+    let relay = Relay::new(
+        store,
+        broker,
+        settings.relay.clone(),
+        settings.retry.clone(),
+        health,
+        wakeup,
+    );
+    let stopped = relay.run(&shutdown).await;
+
+    tasks_stop.cancel();
+    if let Err(err) = retention.await {
+        tracing::error!(error = %err, "retention task failed");
+    }
+    if let Some(listener) = listener {
+        if let Err(err) = listener.await {
+            tracing::error!(error = %err, "listener task failed");
+        }
+    }
+    stopped
+}
+
+/// Readiness and liveness for the outbox direction, from its settings.
+fn outbox_health(settings: &Settings) -> Arc<Health> {
+    Arc::new(Health::new(
+        settings.relay.poll_interval,
+        Health::wedged_after(
+            settings.relay.lease_duration,
+            settings.database.statement_timeout,
+        ),
+    ))
 }
 
 async fn connect(config: &Settings) -> Result<sqlx::PgConnection, String> {

@@ -6,9 +6,13 @@
 //! each row only after the broker acknowledged it. See the README for the guarantees.
 //!
 //! # Layout
-//! One module per domain noun; each component owns its configuration section.
+//! One module per domain noun; each component owns its configuration section. Dependencies
+//! between source files point one way (a unit test checks it): `outbox`'s row types at the
+//! bottom, the `database` and `broker` layers on them, the outbox loop on their seams, and
+//! `cli` on top, where the concrete store and broker are chosen and handed to the loop.
 //! - [`cli`]: the `outbox-relay` command line (`run`, `migrate`, `check`, `status`, `requeue`)
-//!   and exit codes; the composition root.
+//!   and exit codes; the composition root (builds the store, the broker, the LISTEN and
+//!   retention tasks, and runs the relay over them).
 //! - [`config`]: the file as written, its loading and secret files, and the typed
 //!   `Settings` it is parsed into once.
 //! - `constraint`: the validation vocabulary every section uses (the error naming a key and
@@ -44,3 +48,106 @@ pub mod health;
 pub(crate) mod outbox;
 pub mod runtime;
 pub mod telemetry;
+
+/// The layout's rule, checked: dependencies between the source files point one way (no file
+/// reaches, through `crate::` or `super::` paths, a file that reaches it back), so each layer
+/// can be read, and replaced, on its own.
+#[cfg(test)]
+mod architecture {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+
+    /// Module path (`outbox::relay`) → source text, test modules cut off.
+    fn sources() -> BTreeMap<String, String> {
+        fn walk(dir: &Path, out: &mut BTreeMap<String, String>) {
+            for entry in std::fs::read_dir(dir).expect("src is readable") {
+                let path = entry.expect("a directory entry").path();
+                if path.is_dir() {
+                    walk(&path, out);
+                    continue;
+                }
+                let relative = path.strip_prefix(concat!(env!("CARGO_MANIFEST_DIR"), "/src"));
+                let relative = relative.expect("under src").to_string_lossy().into_owned();
+                let Some(module) = relative.strip_suffix(".rs") else {
+                    continue;
+                };
+                let module = module.trim_end_matches("/mod").trim_end_matches("mod");
+                let module = module.replace('/', "::");
+                let module = if module == "lib" {
+                    String::new()
+                } else {
+                    module
+                };
+                let text = std::fs::read_to_string(&path).expect("a source file");
+                let code = text.split("#[cfg(test)]\nmod ").next().unwrap_or("");
+                out.insert(module, code.to_owned());
+            }
+        }
+        let mut out = BTreeMap::new();
+        walk(
+            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src")),
+            &mut out,
+        );
+        out
+    }
+
+    /// The modules each module's `crate::…` and `super::…` paths name.
+    fn edges(sources: &BTreeMap<String, String>) -> BTreeMap<String, BTreeSet<String>> {
+        let resolve = |path: &str| -> Option<String> {
+            let parts: Vec<&str> = path.split("::").filter(|p| !p.is_empty()).collect();
+            (1..=parts.len())
+                .rev()
+                .map(|n| parts[..n].join("::"))
+                .find(|m| sources.contains_key(m))
+        };
+        let mut edges = BTreeMap::new();
+        for (module, code) in sources {
+            let parent = module.rsplit_once("::").map_or("", |(p, _)| p);
+            let mut targets = BTreeSet::new();
+            for (prefix, base) in [("crate::", String::new()), ("super::", parent.to_owned())] {
+                for (at, _) in code.match_indices(prefix) {
+                    let tail: String = code[at + prefix.len()..]
+                        .chars()
+                        .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
+                        .collect();
+                    let path = if base.is_empty() {
+                        tail
+                    } else {
+                        format!("{base}::{tail}")
+                    };
+                    if let Some(target) = resolve(&path).filter(|t| t != module) {
+                        targets.insert(target);
+                    }
+                }
+            }
+            edges.insert(module.clone(), targets);
+        }
+        edges
+    }
+
+    #[test]
+    fn source_files_depend_on_each_other_one_way() {
+        let sources = sources();
+        assert!(
+            sources.contains_key("outbox::relay"),
+            "{:?}",
+            sources.keys()
+        );
+        let edges = edges(&sources);
+        assert!(
+            edges["database::postgres"].contains("outbox"),
+            "the scan sees paths"
+        );
+        // A cycle exists iff some module reaches itself.
+        for start in edges.keys() {
+            let mut seen = BTreeSet::new();
+            let mut todo: Vec<&String> = edges[start].iter().collect();
+            while let Some(next) = todo.pop() {
+                assert!(next != start, "{start} reaches itself: {edges:#?}");
+                if seen.insert(next) {
+                    todo.extend(edges[next].iter());
+                }
+            }
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! The outbox direction: rows written by the application are claimed, published to the broker
-//! and settled. This module holds its domain types and [`run`], which puts it together for one
-//! process; [`relay`] runs the loop, [`settlement`] decides what a published batch's outcomes
+//! and settled. This module holds its domain types (it depends on nothing else in the crate:
+//! the database and broker layers build on them); [`relay`] runs the loop, [`settlement`] decides what a published batch's outcomes
 //! mean, [`dead_letter`] builds the copies sent to the dead-letter destination, [`retention`]
 //! deletes old rows, [`store`] is what the direction needs from a database, and [`config`]
 //! holds its sections (`[relay]`, `[retry]`, `[retention]`).
@@ -14,116 +14,8 @@ pub(crate) mod store;
 
 pub(crate) use store::Store;
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
-use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-use crate::broker::Broker;
-use crate::config::Settings;
-use crate::database::postgres::{Connections, Postgres, listener};
-use crate::health::Health;
-use config::OnDeadLetter;
-use relay::{Relay, Stopped};
-use store::ClaimRules;
-
-/// Runs the outbox direction until `shutdown`: the relay loop over the configured database
-/// and `broker`, with the LISTEN wake-up task (when `relay.listen`) and retention beside it,
-/// stopped when the loop ends. No connection is made before the loop's first claim.
-pub(crate) async fn run(
-    settings: &Settings,
-    broker: Broker,
-    health: Arc<Health>,
-    shutdown: CancellationToken,
-) -> Stopped {
-    let database = &settings.database;
-    let table = &database.table;
-    let store = Postgres::new(
-        Connections::new(database),
-        database.statement_timeout,
-        table,
-        ClaimRules {
-            park_dead: settings.retry.on_dead_letter == OnDeadLetter::Park,
-            commit_order_guard: settings.relay.commit_order_guard,
-            max_batch_bytes: settings.relay.max_batch_bytes,
-        },
-    );
-    tracing::info!(
-        table = %table,
-        broker = %broker,
-        batch_size = settings.relay.batch_size,
-        max_in_flight_batches = settings.relay.max_in_flight_batches,
-        "relay started"
-    );
-    if matches!(broker, Broker::Discard) {
-        tracing::warn!(
-            "broker.kind = \"discard\": rows are marked published without being sent anywhere"
-        );
-    }
-    let wakeup = Arc::new(Notify::new());
-    let tasks_stop = shutdown.child_token();
-    // LISTEN has a one-connection pool of its own, so the claims never lose one to it.
-    let listener = settings.relay.listen.then(|| {
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy_with(database.connect.clone());
-        tokio::spawn(listener::run(
-            pool,
-            table.clone(),
-            Arc::clone(&wakeup),
-            tasks_stop.clone(),
-        ))
-    });
-    let retention = tokio::spawn(retention::run(
-        store.clone(),
-        settings.retention.clone(),
-        tasks_stop.clone(),
-    ));
-
-    let relay = Relay::new(
-        store,
-        broker,
-        settings.relay.clone(),
-        settings.retry.clone(),
-        health,
-        wakeup,
-    );
-    let stopped = relay.run(&shutdown).await;
-
-    tasks_stop.cancel();
-    if let Err(err) = retention.await {
-        tracing::error!(error = %err, "retention task failed");
-    }
-    if let Some(listener) = listener {
-        if let Err(err) = listener.await {
-            tracing::error!(error = %err, "listener task failed");
-        }
-    }
-    stopped
-}
-
-/// Readiness and liveness for the outbox direction, from its settings.
-pub(crate) fn health(settings: &Settings) -> Arc<Health> {
-    Arc::new(Health::new(
-        settings.relay.poll_interval,
-        Health::wedged_after(
-            settings.relay.lease_duration,
-            settings.database.statement_timeout,
-        ),
-    ))
-}
-
-/// The broker the outbox publishes to, named to the broker after `table`.
-pub(crate) fn broker(settings: &Settings) -> Result<Broker, rdkafka::error::KafkaError> {
-    Broker::new(
-        &settings.broker,
-        format!("outbox-relay {}", settings.database.table),
-    )
-}
 
 /// One claimed outbox row, as the publishers see it.
 #[derive(Debug, Clone)]
