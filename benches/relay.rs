@@ -190,12 +190,19 @@ async fn run(args: Args) {
     }
     if args.wants("notify") {
         println!(
-            "\n## NOTIFY trigger cost: application insert rate, 8 writers, single-row commits, 10 s\n"
+            "\n## What the relay costs the application: insert rate, 8 writers, single-row commits, 10 s\n"
         );
-        println!("| trigger | relay wake-up | commits/s |");
-        println!("|---|---|---:|");
-        for trigger in [true, false] {
-            notify_cost(&pool, trigger).await;
+        println!("| relay | trigger | commits/s | of the rate without a relay |");
+        println!("|---|---|---:|---:|");
+        let alone = notify_cost(&pool, Wakeup::NoRelay, None).await;
+        for wakeup in [Wakeup::Polling, Wakeup::Listen] {
+            notify_cost(&pool, wakeup, Some(alone)).await;
+        }
+        println!("\n## An idle relay's cost (empty table, 10 s, default poll_interval 1 s)\n");
+        println!("| wake-up | outbox table scans/s | relay CPU ms/s |");
+        println!("|---|---:|---:|");
+        for wakeup in [Wakeup::Polling, Wakeup::Listen] {
+            idle_cost(&pool, wakeup).await;
         }
     }
     if args.wants("latency") {
@@ -801,9 +808,31 @@ async fn retained(pool: &PgPool, args: &Args) {
         .unwrap();
 }
 
-/// The application's own insert throughput with and without the NOTIFY trigger, while the relay
-/// runs (LISTEN on with the trigger, polling without).
-async fn notify_cost(pool: &PgPool, trigger: bool) {
+/// How the relay learns of new rows in the cost measurements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wakeup {
+    /// No relay runs at all: the application's rate on its own.
+    NoRelay,
+    /// The default: no NOTIFY trigger, adaptive polling (`poll_interval` 1 s when idle).
+    Polling,
+    /// The NOTIFY trigger and LISTEN, with the same polling as fallback.
+    Listen,
+}
+
+impl Wakeup {
+    fn label(self) -> &'static str {
+        match self {
+            Self::NoRelay => "none",
+            Self::Polling => "adaptive polling (poll_interval 1 s)",
+            Self::Listen => "LISTEN/NOTIFY + adaptive polling",
+        }
+    }
+}
+
+/// The application's own insert rate (8 writers, single-row commits) with no relay, with the
+/// relay polling, and with it listening to the NOTIFY trigger; `alone` is the first's rate.
+async fn notify_cost(pool: &PgPool, wakeup: Wakeup, alone: Option<f64>) -> f64 {
+    let trigger = wakeup == Wakeup::Listen;
     let args = Args {
         rows: 0,
         aggregates: 500,
@@ -813,9 +842,10 @@ async fn notify_cost(pool: &PgPool, trigger: bool) {
         only: vec![],
         sinks: vec![],
     };
-    let table = fresh_table(pool, &args, &format!("bench_notify_{trigger}"), 0, trigger).await;
-    let config = config_file(&table, "kafka", 1000, trigger, Duration::from_millis(250));
-    let mut relay = spawn_relay(&config);
+    let name = format!("bench_notify_{}", format!("{wakeup:?}").to_lowercase());
+    let table = fresh_table(pool, &args, &name, 0, trigger).await;
+    let config = config_file(&table, "kafka", 1000, trigger, Duration::from_secs(1));
+    let mut relay = (wakeup != Wakeup::NoRelay).then(|| spawn_relay(&config));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let duration = Duration::from_secs(10);
     let tasks: Vec<_> = (0..8)
@@ -844,19 +874,69 @@ async fn notify_cost(pool: &PgPool, trigger: bool) {
     for task in tasks {
         total += task.await.unwrap();
     }
+    if let Some(relay) = &mut relay {
+        let _ = Command::new("kill")
+            .args(["-TERM", &relay.id().to_string()])
+            .status();
+        let _ = relay.wait();
+    }
+    let rate = total as f64 / duration.as_secs_f64();
+    println!(
+        "| {} | {} | {rate:.0} | {} |",
+        wakeup.label(),
+        if trigger { "installed" } else { "none" },
+        alone.map_or("1.00".to_owned(), |alone| format!("{:.2}", rate / alone))
+    );
+    rate
+}
+
+/// An idle relay's load: the scans of its outbox table per second (claims, backlog queries;
+/// from `pg_stat_user_tables`) and its own CPU.
+async fn idle_cost(pool: &PgPool, wakeup: Wakeup) {
+    let args = Args {
+        rows: 0,
+        aggregates: 1,
+        payload: 10,
+        batch: 1000,
+        retained: 0,
+        only: vec![],
+        sinks: vec![],
+    };
+    let trigger = wakeup == Wakeup::Listen;
+    let name = format!("bench_idle_{}", format!("{wakeup:?}").to_lowercase());
+    let table = fresh_table(pool, &args, &name, 0, trigger).await;
+    let config = config_file(&table, "kafka", 1000, trigger, Duration::from_secs(1));
+    let mut relay = spawn_relay(&config);
+    // past the start and the first claims' quick polls
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Index and sequential scans of the (empty) outbox table: the claims' work, nobody
+    // else's (the cumulative statistics lag by up to a second; 10 s dwarf that).
+    let scans = || async {
+        let _ = sqlx::query("select pg_stat_clear_snapshot()")
+            .execute(pool)
+            .await;
+        let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "select (coalesce(seq_scan, 0) + coalesce(idx_scan, 0))::bigint
+             from pg_stat_user_tables where relid = '{table}'::regclass"
+        )))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        n
+    };
+    let before = (scans().await, resources(relay.id()).1);
+    let period = Duration::from_secs(10);
+    tokio::time::sleep(period).await;
+    let after = (scans().await, resources(relay.id()).1);
     let _ = Command::new("kill")
         .args(["-TERM", &relay.id().to_string()])
         .status();
     let _ = relay.wait();
+    let per_second = (after.0 - before.0) as f64 / period.as_secs_f64();
     println!(
-        "| {} | {} | {:.0} |",
-        if trigger { "installed" } else { "dropped" },
-        if trigger {
-            "LISTEN/NOTIFY"
-        } else {
-            "poll every 250 ms"
-        },
-        total as f64 / duration.as_secs_f64()
+        "| {} | {per_second:.1} | {:.1} |",
+        wakeup.label(),
+        (after.1 - before.1) * 1000.0 / period.as_secs_f64()
     );
 }
 
@@ -883,7 +963,8 @@ async fn latency(pool: &PgPool, rate: u32, listen: bool) {
         listen,
     )
     .await;
-    let poll = Duration::from_millis(250);
+    // The default poll interval: the relay polls quickly by itself while rows arrive.
+    let poll = Duration::from_secs(1);
     let config = config_file(&table, "kafka", 1000, listen, poll);
     let mut relay = spawn_relay(&config);
     tokio::time::sleep(Duration::from_secs(2)).await; // let it connect and start listening
@@ -962,7 +1043,7 @@ async fn latency(pool: &PgPool, rate: u32, listen: bool) {
         if listen {
             "LISTEN/NOTIFY"
         } else {
-            "poll every 250 ms, no trigger"
+            "adaptive polling (poll_interval 1 s), no trigger"
         },
         latencies.len(),
         pct(0.5),

@@ -3,9 +3,11 @@
 //! A claim takes up to `batch_size` rows; each batch is published concurrently and settled in a
 //! few batched statements (mark published, record failures, release). Up to
 //! `max_in_flight_batches` batches are with the broker while the next claim runs
-//! ([`Relay::run`]). The loop drains without waiting while batches come back full and otherwise
-//! waits for a wake-up (NOTIFY) or the poll interval. Shutdown stops claiming; batches in
-//! flight get `shutdown_timeout` to finish.
+//! ([`Relay::run`]). The loop drains without waiting while batches come back full; otherwise it
+//! polls adaptively: soon after a claim that found rows (more are likely arriving), then at
+//! doubling intervals while claims come back empty, up to `poll_interval` when idle. A
+//! wake-up (NOTIFY) claims at once. Shutdown stops claiming; batches in flight get
+//! `shutdown_timeout` to finish.
 //!
 //! The loop is written against its collaborators' contracts, [`Store`] and [`Producer`],
 //! which it is given; what a batch's outcomes mean is decided by [`settlement`], and the loop's
@@ -91,10 +93,12 @@ const MAX_DESTINATION_LABELS: usize = 100;
 
 /// How often the backlog gauges are refreshed and, when idle, the broker is probed.
 const BACKLOG_INTERVAL: Duration = Duration::from_secs(10);
-/// How soon to claim again when the commit-order guard held rows back: the transactions it
-/// waits for are usually the application's short inserts. Doubles, up to the poll interval,
-/// while nothing can be claimed.
-const HELD_BACK_RECHECK: Duration = Duration::from_millis(5);
+/// How soon to claim again after a claim that found rows but not a full batch (rows are
+/// arriving: the next ones are likely committed within milliseconds), or that found rows held
+/// back by the commit-order guard (the transactions it waits for are usually the
+/// application's short inserts). Doubles, up to `relay.poll_interval`, while claims come
+/// back empty ([`LoopState::claimed_nothing`]).
+const ACTIVE_POLL: Duration = Duration::from_millis(5);
 /// How long an idle-time broker probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -142,10 +146,16 @@ struct LoopState {
     want_claim: bool,
     /// Set while the broker or the database is failing: no claims until then.
     paused_until: Option<Instant>,
-    /// Set when the commit-order guard held rows back: claim again then.
-    recheck_at: Option<Instant>,
-    /// The next such wait; doubles while nothing can be claimed, up to the poll interval.
-    recheck_delay: Duration,
+    /// When to claim next unless something else (a settled batch, a wake-up) wants a claim
+    /// sooner; set whenever a claim comes back short. `None` while a claim is running.
+    next_poll: Option<Instant>,
+    /// The wait before the next poll: [`ACTIVE_POLL`] after a claim that found rows, doubling
+    /// while claims find none, up to `poll_interval` (adaptive polling).
+    poll_delay: Duration,
+    /// `relay.poll_interval`: the longest wait between claims, that of an idle relay.
+    poll_interval: Duration,
+    /// The last claim saw rows the commit-order guard held back.
+    held_back: bool,
     /// The lease of a batch holding a crash suspect: no claims while it is in flight, so a
     /// crash it causes costs no other row an attempt (see `Relay::isolate_abandoned`).
     solo: Option<Lease>,
@@ -158,15 +168,17 @@ struct LoopState {
 }
 
 impl LoopState {
-    fn new(max_in_flight: usize) -> Self {
+    fn new(max_in_flight: usize, poll_interval: Duration) -> Self {
         Self {
             claim_started: None,
             in_flight: Vec::new(),
             max_in_flight,
             want_claim: true,
             paused_until: None,
-            recheck_at: None,
-            recheck_delay: HELD_BACK_RECHECK,
+            next_poll: None,
+            poll_delay: ACTIVE_POLL.min(poll_interval),
+            poll_interval,
+            held_back: false,
             solo: None,
             deadline: None,
             probing: false,
@@ -207,24 +219,44 @@ impl LoopState {
             .min()
     }
 
-    /// A claim came back with nothing: look again soon when rows were held back behind an
-    /// open transaction, then less often while it stays open (a long batch job writing to the
-    /// outbox must not draw 200 claims a second).
-    fn claimed_nothing(&mut self, held_back: bool, poll_interval: Duration, now: Instant) {
+    /// A claim starts now.
+    fn claim_started(&mut self, now: Instant) {
+        self.claim_started = Some(now);
+        self.want_claim = false;
+        self.next_poll = None;
+    }
+
+    /// A claim came back with nothing: poll again after the current delay, then double it,
+    /// up to the poll interval, so an idle relay settles at one claim per `poll_interval`.
+    /// Rows newly held back by the commit-order guard (committed while a writer that may
+    /// precede them is still open) start over at [`ACTIVE_POLL`]: the writers it waits for are
+    /// usually short; while they stay open the delay doubles again (a long batch job writing
+    /// to the outbox must not draw 200 claims a second).
+    ///
+    /// While batches are in flight an empty claim says nothing about the table: the due rows
+    /// may all belong to aggregates those batches hold. The loop claims again when one
+    /// settles ([`LoopState::settled`]), and the delay does not grow.
+    fn claimed_nothing(&mut self, held_back: bool, now: Instant) {
         self.claim_started = None;
-        if held_back {
-            self.recheck_at = Some(now + self.recheck_delay);
-            self.recheck_delay = (self.recheck_delay * 2).min(poll_interval);
+        if held_back && !self.held_back {
+            self.poll_delay = ACTIVE_POLL.min(self.poll_interval);
+        }
+        self.held_back = held_back;
+        self.next_poll = Some(now + self.poll_delay);
+        if self.in_flight.is_empty() {
+            self.poll_delay = (self.poll_delay * 2).min(self.poll_interval);
         }
     }
 
-    /// A claim came back with a batch, now in flight.
+    /// A claim came back with a batch, now in flight. A full batch claims again at once; a
+    /// short one polls again after [`ACTIVE_POLL`], since rows are arriving.
     fn claimed(&mut self, batch: &Batch, held_back: bool, now: Instant) {
         self.claim_started = None;
+        self.held_back = held_back;
         self.want_claim = batch.full;
-        self.recheck_delay = HELD_BACK_RECHECK;
-        if held_back && !self.want_claim {
-            self.recheck_at = Some(now + self.recheck_delay);
+        self.poll_delay = ACTIVE_POLL.min(self.poll_interval);
+        if !self.want_claim {
+            self.next_poll = Some(now + self.poll_delay);
         }
         self.in_flight.push((batch.lease, now));
         if batch.rows.iter().any(|r| r.abandoned) {
@@ -380,9 +412,10 @@ impl<S: Store, P: Producer> Relay<S, P> {
     /// event to one `handle_*` method; the state they share is one [`LoopState`].
     async fn pipeline(&self, shutdown: &CancellationToken) -> Stopped {
         let mut work: Work<'_> = FuturesUnordered::new();
-        let mut state = LoopState::new(self.settings.max_in_flight_batches as usize);
-        let mut poll = tokio::time::interval(self.settings.poll_interval);
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut state = LoopState::new(
+            self.settings.max_in_flight_batches as usize,
+            self.settings.poll_interval,
+        );
         let mut summary = tokio::time::interval(self.settings.summary_interval);
         summary.reset();
         // Backlog gauges, and a broker probe while idle (so readiness notices a broker that
@@ -391,8 +424,7 @@ impl<S: Store, P: Producer> Relay<S, P> {
 
         loop {
             if state.can_claim() {
-                state.claim_started = Some(Instant::now());
-                state.want_claim = false;
+                state.claim_started(Instant::now());
                 work.push(Box::pin(async {
                     Done::Claimed(
                         self.store
@@ -423,18 +455,17 @@ impl<S: Store, P: Producer> Relay<S, P> {
                     // Aggregates a crash had locked again may be free.
                     Done::Forgotten => state.want_claim = true,
                 },
-                // 3. End of a pause; rows held back by the commit-order guard due for a look.
+                // 3. End of a pause.
                 () = sleep_until_opt(state.paused_until), if state.paused_until.is_some() => {
                     state.paused_until = None;
                     state.want_claim = true;
                 }
-                () = sleep_until_opt(state.recheck_at), if state.recheck_at.is_some() => {
-                    state.recheck_at = None;
+                // 4. Wake-ups: NOTIFY, the adaptive poll; then the summary and backlog timers.
+                () = self.wakeup.notified(), if !state.want_claim => state.want_claim = true,
+                () = sleep_until_opt(state.next_poll), if !state.want_claim && state.next_poll.is_some() => {
+                    state.next_poll = None;
                     state.want_claim = true;
                 }
-                // 4. Wake-ups: NOTIFY, the poll timer; then the summary and backlog timers.
-                () = self.wakeup.notified(), if !state.want_claim => state.want_claim = true,
-                _ = poll.tick(), if !state.want_claim => state.want_claim = true,
                 _ = summary.tick(), if !state.reporting => self.handle_summary_tick(&mut state, &mut work),
                 _ = backlog.tick() => self.handle_backlog_tick(&mut state, &mut work),
             }
@@ -464,7 +495,7 @@ impl<S: Store, P: Producer> Relay<S, P> {
             }));
         }
         let Some(batch) = batch else {
-            state.claimed_nothing(held_back, self.settings.poll_interval, now);
+            state.claimed_nothing(held_back, now);
             return;
         };
         state.claimed(&batch, held_back, now);
@@ -949,7 +980,7 @@ impl<S: Store, P: Producer> Relay<S, P> {
 #[cfg(test)]
 mod tests {
     use super::{
-        ASYNC_COMMIT_WINDOW, Batch, HELD_BACK_RECHECK, Lease, LoopState, MAX_DESTINATION_LABELS,
+        ACTIVE_POLL, ASYNC_COMMIT_WINDOW, Batch, Lease, LoopState, MAX_DESTINATION_LABELS,
         MAX_ENDED_LEASES, OutboxRow, bounded_label, remember_ended,
     };
     use std::collections::{HashSet, VecDeque};
@@ -977,9 +1008,9 @@ mod tests {
     #[test]
     fn a_claim_starts_only_when_wanted_and_nothing_stands_in_its_way() {
         let now = Instant::now();
-        let mut state = LoopState::new(2);
+        let mut state = LoopState::new(2, Duration::from_secs(1));
         assert!(state.can_claim(), "the first turn claims");
-        state.claim_started = Some(now);
+        state.claim_started(now);
         assert!(!state.can_claim(), "one claim at a time");
         state.claimed(&batch(1, true, false), false, now);
         assert!(
@@ -1006,15 +1037,15 @@ mod tests {
     #[test]
     fn a_short_batch_waits_for_a_wake_up_and_a_crash_suspect_runs_alone() {
         let now = Instant::now();
-        let mut state = LoopState::new(4);
-        state.claim_started = Some(now);
+        let mut state = LoopState::new(4, Duration::from_secs(1));
+        state.claim_started(now);
         state.claimed(&batch(1, false, false), false, now);
         assert!(
             !state.can_claim(),
             "a short batch: the table is drained for now"
         );
         state.want_claim = true;
-        state.claim_started = Some(now);
+        state.claim_started(now);
         state.claimed(&batch(2, true, true), false, now);
         assert!(
             !state.can_claim(),
@@ -1027,35 +1058,78 @@ mod tests {
     }
 
     #[test]
-    fn rows_held_back_by_the_guard_are_rechecked_sooner_then_less_often() {
+    fn polling_is_quick_while_rows_arrive_and_backs_off_to_the_poll_interval_when_idle() {
         let now = Instant::now();
         let poll = Duration::from_millis(40);
-        let mut state = LoopState::new(2);
-        state.claim_started = Some(now);
-        state.claimed_nothing(true, poll, now);
-        assert_eq!(state.recheck_at, Some(now + HELD_BACK_RECHECK));
-        for _ in 0..10 {
-            state.claimed_nothing(true, poll, now);
-        }
-        assert_eq!(state.recheck_delay, poll, "capped at the poll interval");
-        state.claimed(&batch(1, false, false), true, now);
+        let mut state = LoopState::new(2, poll);
+        state.claim_started(now);
+        state.claimed(&batch(1, false, false), false, now);
         assert_eq!(
-            state.recheck_at,
-            Some(now + HELD_BACK_RECHECK),
-            "a claim that got rows starts the recheck delay over"
+            state.next_poll,
+            Some(now + ACTIVE_POLL),
+            "a short batch: rows are arriving, look again soon"
         );
-        state.recheck_at = None;
-        state.claimed_nothing(false, poll, now);
+        state.settled(lease(1));
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            state.claim_started(now);
+            assert_eq!(state.next_poll, None, "no poll while a claim runs");
+            state.claimed_nothing(false, now);
+            waits.push(state.next_poll.expect("a poll is due") - now);
+        }
+        let ms: Vec<u128> = waits.iter().map(Duration::as_millis).collect();
         assert_eq!(
-            state.recheck_at, None,
-            "nothing held back: wait for a wake-up"
+            ms,
+            [5, 10, 20, 40, 40, 40],
+            "doubling, capped at the poll interval"
+        );
+        state.claimed(&batch(2, false, false), false, now);
+        assert_eq!(
+            state.next_poll,
+            Some(now + ACTIVE_POLL),
+            "rows again: quick again"
+        );
+        // WHILE that batch is in flight, empty claims keep the quick pace: its aggregates may
+        // hold every due row
+        for _ in 0..3 {
+            state.claim_started(now);
+            state.claimed_nothing(false, now);
+            assert_eq!(state.next_poll, Some(now + ACTIVE_POLL));
+        }
+    }
+
+    #[test]
+    fn rows_held_back_by_the_guard_are_rechecked_soon_then_less_often() {
+        let now = Instant::now();
+        let poll = Duration::from_secs(1);
+        let mut state = LoopState::new(2, poll);
+        for _ in 0..10 {
+            state.claimed_nothing(false, now);
+        }
+        assert_eq!(
+            state.poll_delay, poll,
+            "an idle relay polls at the interval"
+        );
+        // WHEN a claim sees rows held back behind an open writer
+        state.claimed_nothing(true, now);
+        // THEN it looks again soon, and less often while the writer stays open
+        assert_eq!(state.next_poll, Some(now + ACTIVE_POLL));
+        state.claimed_nothing(true, now);
+        assert_eq!(state.next_poll, Some(now + ACTIVE_POLL * 2));
+        for _ in 0..10 {
+            state.claimed_nothing(true, now);
+        }
+        assert_eq!(
+            state.next_poll,
+            Some(now + poll),
+            "capped at the poll interval"
         );
     }
 
     #[test]
     fn the_broker_is_probed_only_while_idle() {
         let now = Instant::now();
-        let mut state = LoopState::new(2);
+        let mut state = LoopState::new(2, Duration::from_secs(1));
         assert!(state.can_probe());
         state.claimed(&batch(1, false, false), false, now);
         assert!(
