@@ -34,7 +34,9 @@ pub struct RelayConfig {
     /// `pg_locks` lookup per claim. Default true.
     #[serde(default = "yes")]
     pub commit_order_guard: bool,
-    /// Fallback poll when idle; always on, even with `listen`. Default 1s.
+    /// Longest wait between claims, that of an idle relay: polling is adaptive (5 ms after a
+    /// claim that found rows, doubling while claims find none, up to this); always on, even
+    /// with `listen`. Default 1s.
     #[cfg_attr(test, schemars(with = "String"))]
     #[serde(default = "default_poll_interval", with = "humantime_serde")]
     pub poll_interval: Duration,
