@@ -47,6 +47,19 @@ struct Args {
 }
 
 impl Args {
+    /// A workload of rows the measurement inserts itself (none in the table beforehand).
+    fn inserts_only(aggregates: i64, payload: usize, batch: u32) -> Self {
+        Self {
+            rows: 0,
+            aggregates,
+            payload,
+            batch,
+            retained: 0,
+            only: vec![],
+            sinks: vec![],
+        }
+    }
+
     fn parse() -> Self {
         let mut args = Self {
             rows: 200_000,
@@ -625,6 +638,14 @@ fn spawn_relay(config: &std::path::Path) -> Child {
         .unwrap()
 }
 
+/// Stops a relay with SIGTERM (a clean shutdown) and waits for it to exit.
+fn stop_relay(relay: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status();
+    let _ = relay.wait();
+}
+
 /// Peak RSS (MiB) and CPU seconds of a running process, from /proc.
 fn resources(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -743,10 +764,7 @@ async fn drain_table(
         cpu += seconds;
     }
     for relay in &mut relays {
-        let _ = Command::new("kill")
-            .args(["-TERM", &relay.id().to_string()])
-            .status();
-        let _ = relay.wait();
+        stop_relay(relay);
     }
     if sink == "rabbitmq" {
         let (_c, channel) = rabbit_queue().await;
@@ -835,15 +853,7 @@ impl Wakeup {
 /// relay polling, and with it listening to the NOTIFY trigger; `alone` is the first's rate.
 async fn notify_cost(pool: &PgPool, wakeup: Wakeup, alone: Option<f64>) -> f64 {
     let trigger = wakeup == Wakeup::Listen;
-    let args = Args {
-        rows: 0,
-        aggregates: 500,
-        payload: 200,
-        batch: 1000,
-        retained: 0,
-        only: vec![],
-        sinks: vec![],
-    };
+    let args = Args::inserts_only(500, 200, 1000);
     let name = format!("bench_notify_{}", format!("{wakeup:?}").to_lowercase());
     let table = fresh_table(pool, &args, &name, 0, trigger).await;
     let config = config_file(&table, "kafka", 1000, trigger, Duration::from_secs(1));
@@ -877,10 +887,7 @@ async fn notify_cost(pool: &PgPool, wakeup: Wakeup, alone: Option<f64>) -> f64 {
         total += task.await.unwrap();
     }
     if let Some(relay) = &mut relay {
-        let _ = Command::new("kill")
-            .args(["-TERM", &relay.id().to_string()])
-            .status();
-        let _ = relay.wait();
+        stop_relay(relay);
     }
     let rate = total as f64 / duration.as_secs_f64();
     println!(
@@ -895,15 +902,7 @@ async fn notify_cost(pool: &PgPool, wakeup: Wakeup, alone: Option<f64>) -> f64 {
 /// An idle relay's load: the scans of its outbox table per second (claims, backlog queries;
 /// from `pg_stat_user_tables`) and its own CPU.
 async fn idle_cost(pool: &PgPool, wakeup: Wakeup) {
-    let args = Args {
-        rows: 0,
-        aggregates: 1,
-        payload: 10,
-        batch: 1000,
-        retained: 0,
-        only: vec![],
-        sinks: vec![],
-    };
+    let args = Args::inserts_only(1, 10, 1000);
     let trigger = wakeup == Wakeup::Listen;
     let name = format!("bench_idle_{}", format!("{wakeup:?}").to_lowercase());
     let table = fresh_table(pool, &args, &name, 0, trigger).await;
@@ -930,10 +929,7 @@ async fn idle_cost(pool: &PgPool, wakeup: Wakeup) {
     let period = Duration::from_secs(10);
     tokio::time::sleep(period).await;
     let after = (scans().await, resources(relay.id()).1);
-    let _ = Command::new("kill")
-        .args(["-TERM", &relay.id().to_string()])
-        .status();
-    let _ = relay.wait();
+    stop_relay(&mut relay);
     let per_second = (after.0 - before.0) as f64 / period.as_secs_f64();
     println!(
         "| {} | {per_second:.1} | {:.1} |",
@@ -946,15 +942,7 @@ async fn idle_cost(pool: &PgPool, wakeup: Wakeup) {
 /// records each commit time, and compares it with `published_at` once everything is
 /// published. Polling runs drop the NOTIFY trigger first.
 async fn latency(pool: &PgPool, rate: u32, listen: bool) {
-    let args = Args {
-        rows: 0,
-        aggregates: 500,
-        payload: 1000,
-        batch: 1000,
-        retained: 0,
-        only: vec![],
-        sinks: vec![],
-    };
+    let args = Args::inserts_only(500, 1000, 1000);
     // Polling only: no NOTIFY trigger (`database.notify_trigger = false`), so the application's
     // commits do not pay for wake-ups nobody listens to.
     let table = fresh_table(
@@ -1018,10 +1006,7 @@ async fn latency(pool: &PgPool, rate: u32, listen: bool) {
     while frontier.pending(pool).await && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let _ = Command::new("kill")
-        .args(["-TERM", &relay.id().to_string()])
-        .status();
-    let _ = relay.wait();
+    stop_relay(&mut relay);
     let published: Vec<(uuid::Uuid, chrono::DateTime<chrono::Utc>)> =
         sqlx::query_as(AssertSqlSafe(format!(
             "select event_id, published_at from {table} where published_at is not null"

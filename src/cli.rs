@@ -19,7 +19,6 @@ use crate::broker::{Broker, Producer};
 use crate::config::{Config, Settings};
 use crate::database::postgres::{self as store, Connections, Postgres, listener, schema};
 use crate::health::Health;
-use crate::outbox::config::OnDeadLetter;
 use crate::outbox::relay::{Relay, Stopped};
 use crate::outbox::retention;
 use crate::outbox::store::ClaimRules;
@@ -222,7 +221,7 @@ async fn run_outbox(
         database.statement_timeout,
         table,
         ClaimRules {
-            park_dead: settings.retry.on_dead_letter == OnDeadLetter::Park,
+            park_dead: settings.retry.parks(),
             commit_order_guard: settings.relay.commit_order_guard,
             max_batch_bytes: settings.relay.max_batch_bytes,
         },
@@ -241,14 +240,9 @@ async fn run_outbox(
     }
     let wakeup = Arc::new(Notify::new());
     let tasks_stop = shutdown.child_token();
-    // LISTEN has a one-connection pool of its own, so the claims never lose one to it.
     let listener = settings.relay.listen.then(|| {
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy_with(database.connect.clone());
         tokio::spawn(listener::run(
-            pool,
+            listener::pool(database),
             table.clone(),
             Arc::clone(&wakeup),
             tasks_stop.clone(),

@@ -31,6 +31,37 @@ async fn polling_alone_publishes_without_listen() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn events_that_keep_arriving_are_claimed_without_waiting_for_the_poll() {
+    // GIVEN a relay that polls once a minute, without LISTEN or trigger, that has just
+    // published an event
+    let mut outbox = Outbox::for_broker(Broker::Kafka).await;
+    outbox.relay.insert("listen", "false".to_owned());
+    outbox.relay.insert("poll_interval", "\"60s\"".to_owned());
+    outbox
+        .exec("drop trigger \"{table}_relay_notify\" on {table}")
+        .await;
+    let mut reader = outbox.reader("order", 1).await;
+    outbox.insert("order", "o-1", 0..1).await;
+    let _relay = outbox.start();
+    outbox.wait_all_published(Duration::from_secs(20)).await;
+
+    // WHEN more events keep arriving, one at a time
+    let started = std::time::Instant::now();
+    for seq in 1..4 {
+        outbox.insert("order", "o-1", seq..seq + 1).await;
+        // THEN each is published within seconds: the relay polls again soon after a claim
+        // that found rows, instead of at the next poll a minute later
+        outbox.wait_all_published(Duration::from_secs(10)).await;
+    }
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let received = reader.read_at_least(4, WAIT).await;
+    assert_eq!(
+        received.iter().map(|m| m.seq()).collect::<Vec<_>>(),
+        [0, 1, 2, 3]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn runs_against_a_table_the_application_created() {
     scenarios::runs_against_a_table_the_application_created(Broker::Kafka).await;
 }

@@ -139,24 +139,51 @@ pub async fn events_of_an_aggregate_arrive_in_id_order(broker: Broker) {
 }
 
 pub async fn listen_wakes_the_relay_without_waiting_for_the_poll(broker: Broker) {
-    // GIVEN a relay that polls only once an hour but listens for NOTIFY
+    // GIVEN a relay that polls only once an hour but listens for NOTIFY, and beside it a twin
+    // without LISTEN or trigger (the control: it shows when polling alone would have come)
     let mut outbox = Outbox::for_broker(broker).await;
     outbox.relay.insert("poll_interval", "\"1h\"".to_owned());
+    let mut twin = Outbox::for_broker(broker).await;
+    twin.relay.insert("poll_interval", "\"1h\"".to_owned());
+    twin.relay.insert("listen", "false".to_owned());
+    twin.exec("drop trigger \"{table}_relay_notify\" on {table}")
+        .await;
     let mut reader = outbox.reader("cart", 1).await;
+    // (a destination for the twin's events too: RabbitMQ returns unroutable ones)
+    let _twin_reader = twin.reader("cart", 1).await;
     let relay = outbox.start();
+    let _twin_relay = twin.start();
     relay.wait_for_log("relay started", WAIT).await;
-    // Make sure the first (startup) claim has come and gone, so only NOTIFY can wake it.
-    outbox.insert("cart", "c-0", 0..1).await;
-    outbox.wait_all_published(Duration::from_secs(20)).await;
+    // Make sure the first (startup) claim has come and gone, and let both sit idle long enough
+    // for their adaptive polls to back off: 5 ms after the last claim that found rows, doubling,
+    // polls come at 5.1 s and 10.2 s, so after 6 s idle the next one is 4 s away and only
+    // NOTIFY can wake the first relay sooner.
+    for o in [&outbox, &twin] {
+        o.insert("cart", "c-0", 0..1).await;
+        o.wait_all_published(Duration::from_secs(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
 
-    // WHEN an application commits an event
+    // WHEN an application commits an event into both tables
     let started = std::time::Instant::now();
     outbox.insert("cart", "c-1", 0..1).await;
+    twin.insert("cart", "c-1", 0..1).await;
 
     // THEN it is published promptly (far sooner than the poll interval)
     outbox.wait_all_published(Duration::from_secs(20)).await;
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(reader.read_at_least(2, WAIT).await.len(), 2);
+    // AND sooner than polling alone would have: the twin has not published it yet
+    let woken_after = started.elapsed();
+    assert!(
+        woken_after < Duration::from_secs(3),
+        "woken after {woken_after:?}"
+    );
+    assert_eq!(
+        twin.counts().await,
+        (1, 2),
+        "the twin polled within {woken_after:?}"
+    );
 }
 
 pub async fn polling_alone_publishes_without_listen(broker: Broker) {

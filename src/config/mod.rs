@@ -8,7 +8,7 @@
 //! ([`crate::health`]). This module puts the sections together, reads the secret files and
 //! checks what spans sections. Every struct rejects unknown keys, durations are humantime
 //! strings (`"500ms"`, `"5m"`), and each error names the offending key and the constraint it
-//! broke ([`crate::constraint`]). The reference file `config/outbox-relay.toml` documents every key
+//! broke (`constraint`). The reference file `config/outbox-relay.toml` documents every key
 //! with its default; a unit test keeps the two in step.
 //!
 //! Renamed keys keep working under their old spelling: `[sink]` is `[broker]` since 2026-12 (the

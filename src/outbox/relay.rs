@@ -150,7 +150,8 @@ struct LoopState {
     /// sooner; set whenever a claim comes back short. `None` while a claim is running.
     next_poll: Option<Instant>,
     /// The wait before the next poll: [`ACTIVE_POLL`] after a claim that found rows, doubling
-    /// while claims find none, up to `poll_interval` (adaptive polling).
+    /// while claims find none, up to `poll_interval` (adaptive polling; `relay.poll_interval` is
+    /// at least 10 ms, never below [`ACTIVE_POLL`]).
     poll_delay: Duration,
     /// `relay.poll_interval`: the longest wait between claims, that of an idle relay.
     poll_interval: Duration,
@@ -176,7 +177,7 @@ impl LoopState {
             want_claim: true,
             paused_until: None,
             next_poll: None,
-            poll_delay: ACTIVE_POLL.min(poll_interval),
+            poll_delay: ACTIVE_POLL,
             poll_interval,
             held_back: false,
             solo: None,
@@ -239,7 +240,7 @@ impl LoopState {
     fn claimed_nothing(&mut self, held_back: bool, now: Instant) {
         self.claim_started = None;
         if held_back && !self.held_back {
-            self.poll_delay = ACTIVE_POLL.min(self.poll_interval);
+            self.poll_delay = ACTIVE_POLL;
         }
         self.held_back = held_back;
         self.next_poll = Some(now + self.poll_delay);
@@ -254,7 +255,7 @@ impl LoopState {
         self.claim_started = None;
         self.held_back = held_back;
         self.want_claim = batch.full;
-        self.poll_delay = ACTIVE_POLL.min(self.poll_interval);
+        self.poll_delay = ACTIVE_POLL;
         if !self.want_claim {
             self.next_poll = Some(now + self.poll_delay);
         }
@@ -749,14 +750,14 @@ impl<S: Store, P: Producer> Relay<S, P> {
             .record(started.elapsed().as_secs_f64());
         Done::Settled {
             lease: batch.lease,
-            outage: outage.flatten(),
+            outage,
         }
     }
 
-    /// Publishes the batch and writes its settlement. Returns the broker outage it showed,
-    /// if any; `None` when recording failed for longer than the lease allows (the rows are
-    /// published again later).
-    async fn publish_batch(&self, batch: &Batch) -> Option<Option<(ErrorClass, String)>> {
+    /// Publishes the batch and writes its settlement. Returns the broker outage it showed, if
+    /// any (none when recording failed for longer than the lease allows: its rows are
+    /// published again later, and the failure was a database outage).
+    async fn publish_batch(&self, batch: &Batch) -> Option<(ErrorClass, String)> {
         let triage = settlement::triage(&batch.rows, &self.retry);
         let to_publish = triage.to_publish(&batch.rows);
         let outcomes = self.producer.publish(&to_publish).await;
@@ -771,7 +772,7 @@ impl<S: Store, P: Producer> Relay<S, P> {
             self.broker_ok();
         }
         self.record(batch, &settlement).await?;
-        Some(settlement.outage)
+        settlement.outage
     }
 
     /// Writes `settlement`: failures, then releases, then the mark, which ends the lease and

@@ -35,20 +35,24 @@ pub(crate) struct Triage {
     failures: Vec<Failure>,
     /// Later rows of their aggregates, given back unsent.
     held_back: Vec<i64>,
-    /// Ids of every row not to send (the two above); empty: send the whole batch.
-    skipped: HashSet<i64>,
     notes: Vec<Note>,
 }
 
 impl Triage {
     /// The rows to publish, in batch order: borrowed when that is every row (the usual case).
     pub(crate) fn to_publish<'r>(&self, rows: &'r [OutboxRow]) -> Cow<'r, [OutboxRow]> {
-        if self.skipped.is_empty() {
+        if self.failures.is_empty() && self.held_back.is_empty() {
             return Cow::Borrowed(rows);
         }
+        let skipped: HashSet<i64> = self
+            .failures
+            .iter()
+            .map(|f| f.id)
+            .chain(self.held_back.iter().copied())
+            .collect();
         Cow::Owned(
             rows.iter()
-                .filter(|r| !self.skipped.contains(&r.id))
+                .filter(|r| !skipped.contains(&r.id))
                 .cloned()
                 .collect(),
         )
@@ -192,7 +196,6 @@ pub(crate) fn triage(rows: &[OutboxRow], policy: &RetryPolicy) -> Triage {
     for row in rows {
         if stopped.contains(row.aggregate_id.as_str()) {
             triage.held_back.push(row.id);
-            triage.skipped.insert(row.id);
             continue;
         }
         let attempt = attempt_of(row);
@@ -218,7 +221,6 @@ pub(crate) fn triage(rows: &[OutboxRow], policy: &RetryPolicy) -> Triage {
         if policy.parks() || !dead {
             stopped.insert(&row.aggregate_id);
         }
-        triage.skipped.insert(row.id);
         triage.failures.push(Failure {
             id: row.id,
             error,

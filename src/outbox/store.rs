@@ -106,7 +106,7 @@ pub(crate) struct Claimed {
 }
 
 /// One failed attempt to record.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) struct Failure {
     pub(crate) id: i64,
     /// Kept in `last_error`.

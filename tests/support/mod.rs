@@ -679,30 +679,29 @@ pub async fn metric(
     let (200, body) = http_get(addr, "/metrics").await? else {
         return None;
     };
-    let samples: Vec<f64> = body
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .collect();
+    let samples: Vec<f64> = samples(&body, name, labels).collect();
     (!samples.is_empty()).then(|| samples.iter().sum())
 }
 
 /// The value of the first sample of `metric` whose labels contain every `label=value` given.
 pub fn metric_value(exposition: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples(exposition, metric, labels).next()
+}
+
+/// The values of `metric`'s samples whose labels contain every `label=value` given.
+fn samples<'a>(
+    exposition: &'a str,
+    metric: &'a str,
+    labels: &'a [(&'a str, &'a str)],
+) -> impl Iterator<Item = f64> + 'a {
     exposition
         .lines()
         .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
-        .find(|l| {
+        .filter(move |l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
+        .filter(move |l| {
             labels
                 .iter()
                 .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
         })
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
 }

@@ -7,12 +7,22 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgListener, PgPool};
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 
 use super::Table;
+use super::config::DatabaseSettings;
 use crate::telemetry::metric;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+/// The LISTEN session's pool: one connection of its own, lazily connected, so the claims never
+/// lose one of theirs to it.
+pub(crate) fn pool(settings: &DatabaseSettings) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(settings.connect.clone())
+}
 
 /// Runs until `shutdown` fires; never returns an error (it logs the outage once and retries).
 pub(crate) async fn run(

@@ -439,7 +439,7 @@ impl Postgres {
         }
     }
 
-    /// Runs `work` within the client-side bound ([`Store::client_timeout`]). On expiry `work`
+    /// Runs `work` within the client-side bound (`Postgres::client_timeout`). On expiry `work`
     /// is dropped, and with it its connection (the pool replaces it).
     async fn bounded<T, Fut>(
         &self,
@@ -672,7 +672,7 @@ impl Store for Postgres {
     }
 
     /// Gives rows back without using up an attempt: they leave the lease and are due again
-    /// once it ends ([`Store::finish`]; the relay itself pauses when the broker is down).
+    /// once it ends ([`Store::mark`]; the relay itself pauses when the broker is down).
     /// `error`, when given, is kept as `last_error`. Returns how many rows the lease still held.
     async fn release(
         &self,
@@ -968,7 +968,7 @@ fn decode_row(row: &PgRow, meta: Picked) -> Result<OutboxRow, sqlx::Error> {
 #[cfg(test)]
 mod tests {
     //! The claim against the real PostgreSQL (`TEST_DATABASE_URL`, a server URL; default the
-    //! local one), each test on a table of its own in the `postgres` database.
+    //! local one), each test in a schema of its own in the `postgres` database, dropped after.
 
     use super::*;
     use crate::database::postgres::config::DatabaseConfig;
@@ -989,7 +989,7 @@ mod tests {
     async fn store(max_batch_bytes: u64) -> (Postgres, sqlx::PgConnection, Table) {
         let server = std::env::var("TEST_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());
-        let name = format!("claim_{}", uuid::Uuid::new_v4().simple());
+        let name = format!("claim_{}.outbox", uuid::Uuid::new_v4().simple());
         let config: DatabaseConfig = serde_json::from_value(serde_json::json!({
             "url": format!("{server}/postgres"),
             "table": name,
@@ -1055,11 +1055,8 @@ mod tests {
         // AND once a claim was cut, the next ones asked for about as many rows as it kept (3,
         // plus a quarter, plus one), not for a whole batch of rows to read and leave
         assert!(budgets.iter().all(|n| *n <= 4), "row budgets {budgets:?}");
-        let drop = format!(
-            "drop table {} cascade; drop table {} cascade",
-            table.quoted(),
-            table.companion("leases")
-        );
+        let schema = table.schema().expect("a schema of its own");
+        let drop = format!("drop schema \"{schema}\" cascade");
         sqlx::raw_sql(sql(drop))
             .execute(&mut conn)
             .await
