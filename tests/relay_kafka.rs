@@ -475,3 +475,89 @@ async fn nulls_in_an_adopted_table_are_dead_lettered_with_their_reason_while_oth
         ["o-1", "o-1", "o-1", "null-headers", "o-2", "o-2", "o-2"]
     );
 }
+
+/// The Java client's `Utils.murmur2` (Kafka's `DefaultPartitioner` / `BuiltInPartitioner`),
+/// written out from its definition.
+fn java_murmur2(data: &[u8]) -> i32 {
+    const M: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes(chunk.try_into().unwrap());
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() >= 3 {
+        h ^= u32::from(rest[2]) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= u32::from(rest[1]) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= u32::from(rest[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition the Java producer picks for a keyed record.
+fn java_partition(key: &str, partitions: i32) -> i32 {
+    (java_murmur2(key.as_bytes()) & 0x7fff_ffff) % partitions
+}
+
+#[test]
+fn the_tests_murmur2_is_javas() {
+    // Kafka's own UtilsTest.testMurmur2 vectors.
+    for (input, expected) in [
+        ("21", -973_932_308),
+        ("foobar", -790_332_482),
+        ("a-little-bit-long-string", -985_981_536),
+        ("a-little-bit-longer-string", -1_486_304_829),
+        (
+            "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+            -58_897_971,
+        ),
+        ("abc", 479_470_107),
+    ] {
+        assert_eq!(java_murmur2(input.as_bytes()), expected, "{input}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keyed_messages_land_on_the_partition_the_java_producer_would_choose() {
+    // GIVEN a topic of 7 partitions and events of 60 aggregates with keys of every length
+    // from 1 to 12 bytes (each remainder of murmur2's 4-byte blocks)
+    let outbox = Outbox::new().await;
+    let mut reader = outbox.reader("order", 7).await;
+    let keys: Vec<String> = (0..60)
+        .map(|i| format!("{i}-{}", "k".repeat(i % 11)))
+        .collect();
+    for key in &keys {
+        outbox.insert("order", key, 0..2).await;
+    }
+
+    // WHEN the relay publishes them with its default settings
+    let _relay = outbox.start();
+    let received = reader.read_distinct(120, WAIT).await;
+
+    // THEN every message is on the partition Java's murmur2 gives its key
+    let misplaced: Vec<(&str, i32, i32)> = received
+        .iter()
+        .map(|m| (m.key.as_str(), m.partition, java_partition(&m.key, 7)))
+        .filter(|(_, got, want)| got != want)
+        .collect();
+    assert!(
+        misplaced.is_empty(),
+        "(key, partition, Java's) {misplaced:?}"
+    );
+    // AND the keys spread over the partitions (the check is not vacuous)
+    let used: std::collections::BTreeSet<i32> = received.iter().map(|m| m.partition).collect();
+    assert!(used.len() >= 5, "partitions used: {used:?}");
+}

@@ -77,6 +77,11 @@ fn client_config(config: &KafkaConfig) -> ClientConfig {
     client
         .set("client.id", "outbox-relay")
         .set("linger.ms", "5")
+        // The Java producer's placement (murmur2 over the key bytes, positive, modulo the
+        // partition count), as Kafka Streams, Debezium and Kafka Connect use it: a topic also
+        // written by them keeps each key on one partition. librdkafka's own default,
+        // `consistent_random` (CRC32), would put the same key elsewhere. Overridable.
+        .set("partitioner", "murmur2_random")
         .set(
             "message.timeout.ms",
             KAFKA_DEFAULT_MESSAGE_TIMEOUT.as_millis().to_string(),
@@ -326,4 +331,32 @@ pub(crate) const KAFKA_DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(3
 
 fn default_topic() -> String {
     "outbox.event.{aggregate_type}".to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(properties: &[(&str, &str)]) -> KafkaConfig {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".to_owned(),
+            topic: default_topic(),
+            properties: properties
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            allow_unsafe: false,
+            allow_insecure_transport: false,
+        }
+    }
+
+    #[test]
+    fn keys_are_placed_as_the_java_producer_places_them_unless_configured_otherwise() {
+        let default = config(&[]).validate(Duration::from_secs(120)).unwrap();
+        assert_eq!(default.client.get("partitioner"), Some("murmur2_random"));
+        let old = config(&[("partitioner", "consistent_random")])
+            .validate(Duration::from_secs(120))
+            .unwrap();
+        assert_eq!(old.client.get("partitioner"), Some("consistent_random"));
+    }
 }
