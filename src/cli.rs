@@ -59,8 +59,8 @@ enum Command {
     /// Put dead-lettered rows back in line (fresh attempts, original order).
     Requeue {
         /// Requeue these events.
-        #[arg(long = "event-id", value_name = "UUID", conflicts_with_all = ["aggregate", "all"])]
-        event_ids: Vec<uuid::Uuid>,
+        #[arg(long = "event-id", value_name = "EVENT_ID", conflicts_with_all = ["aggregate", "all"])]
+        event_ids: Vec<String>,
         /// Requeue every dead row of this aggregate.
         #[arg(long, value_name = "AGGREGATE_ID", conflicts_with = "all")]
         aggregate: Option<String>,
@@ -142,6 +142,7 @@ pub fn execute(cli: Cli) -> ExitCode {
 fn broker(config: &Settings) -> Option<Broker> {
     Broker::new(
         &config.broker,
+        config.database.layout,
         format!("outbox-relay {}", config.database.table),
     )
     .map_err(|err| {
@@ -220,6 +221,7 @@ async fn run_outbox(
         Connections::new(database),
         database.statement_timeout,
         table,
+        &database.columns,
         ClaimRules {
             park_dead: settings.retry.parks(),
             commit_order_guard: settings.relay.commit_order_guard,
@@ -332,7 +334,14 @@ async fn migrate(config: &Settings) -> u8 {
     } else {
         "dropped"
     };
-    match schema::migrate(&mut conn, table, config.database.notify_trigger).await {
+    match schema::migrate(
+        &mut conn,
+        table,
+        &config.database.columns,
+        config.database.notify_trigger,
+    )
+    .await
+    {
         Ok(done) if done.applied.is_empty() => {
             println!(
                 "table {table}: up to date (schema version {}); notify trigger {trigger}",
@@ -364,7 +373,14 @@ async fn status(config: &Settings, json: bool) -> u8 {
     let Some(mut conn) = connect_or_report(config).await else {
         return EXIT_RUNTIME;
     };
-    match store::status(&mut conn, table, config.retry.parks()).await {
+    match store::status(
+        &mut conn,
+        table,
+        &config.database.columns,
+        config.retry.parks(),
+    )
+    .await
+    {
         Ok(status) if json => {
             println!(
                 "{}",
@@ -412,7 +428,7 @@ async fn requeue(config: &Settings, which: &store::Requeue) -> u8 {
     let Some(mut conn) = connect_or_report(config).await else {
         return EXIT_RUNTIME;
     };
-    match store::requeue(&mut conn, table, which).await {
+    match store::requeue(&mut conn, table, &config.database.columns, which).await {
         Ok(rows) => {
             println!("table {table}: requeued {rows} dead-lettered row(s)");
             0
@@ -438,7 +454,7 @@ async fn check(config: &Settings) -> u8 {
                 "database: connected to {}",
                 describe_database(&config.database.connect)
             );
-            match schema::inspect(&mut conn, table).await {
+            match schema::inspect(&mut conn, table, &config.database.columns).await {
                 Ok(found) => {
                     println!("{found}");
                     if !found.is_usable() {

@@ -5,6 +5,7 @@
 
 mod cli;
 mod faults;
+mod layouts;
 mod operability;
 mod relay_kafka;
 mod relay_rabbitmq;

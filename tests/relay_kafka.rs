@@ -402,8 +402,8 @@ async fn the_byte_bound_counts_the_json_sent_not_the_compressed_size_stored() {
 #[tokio::test(flavor = "multi_thread")]
 async fn nulls_in_an_adopted_table_are_dead_lettered_with_their_reason_while_others_flow() {
     // GIVEN a table the application created without the NOT NULL constraints `migrate` sets,
-    // holding rows with a NULL payload, aggregate id, event type or event id between ordinary
-    // ones
+    // holding rows with a NULL payload (a tombstone), aggregate id, event type or event id
+    // between ordinary ones
     let mut outbox = Outbox::unmigrated().await;
     outbox.set_broker(Broker::Kafka).await;
     outbox.retry.insert("max_attempts", "2".to_owned());
@@ -437,13 +437,13 @@ async fn nulls_in_an_adopted_table_are_dead_lettered_with_their_reason_while_oth
     // WHEN `check` inspects it, THEN it names the columns that lack NOT NULL
     let check = outbox.command(&["check"]);
     assert!(
-        check.stdout.contains("columns without NOT NULL: event_id, aggregate_type, aggregate_id, event_type, payload, created_at"),
+        check.stdout.contains("columns without NOT NULL: event_id, aggregate_type, aggregate_id, event_type, created_at"),
         "{check:?}"
     );
 
     // WHEN the relay runs, THEN the ordinary rows (and the one with NULL headers, which means
-    // none) are published, and each row with a NULL the message needs is dead-lettered, naming
-    // the column
+    // none, and the one with a NULL payload, a message without a value) are published, and
+    // each row with a NULL the message needs is dead-lettered, naming the column
     let _relay = outbox.start();
     outbox.wait_all_settled(WAIT).await;
     let dead: Vec<(Option<String>, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -460,19 +460,32 @@ async fn nulls_in_an_adopted_table_are_dead_lettered_with_their_reason_while_oth
     assert_eq!(
         reasons,
         [
-            (Some("null-payload"), true),
             (None, true),
             (Some("null-type"), true),
             (Some("null-event-id"), true)
         ],
         "{dead:?}"
     );
-    assert!(dead[0].1.contains("column payload is NULL"), "{dead:?}");
-    let received = reader.read_distinct(7, WAIT).await;
+    assert!(dead[1].1.contains("column event_type is NULL"), "{dead:?}");
+    let received = reader.read_distinct(8, WAIT).await;
+    let tombstone = received
+        .iter()
+        .find(|m| m.key == "null-payload")
+        .expect("the NULL payload's message");
+    assert_eq!(tombstone.value, None, "a tombstone");
     let keys: Vec<&str> = received.iter().map(|m| m.key.as_str()).collect();
     assert_eq!(
         keys,
-        ["o-1", "o-1", "o-1", "null-headers", "o-2", "o-2", "o-2"]
+        [
+            "o-1",
+            "o-1",
+            "o-1",
+            "null-payload",
+            "null-headers",
+            "o-2",
+            "o-2",
+            "o-2"
+        ]
     );
 }
 

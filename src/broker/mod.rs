@@ -18,7 +18,7 @@ use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
-use crate::outbox::OutboxRow;
+use crate::outbox::{Layout, OutboxRow};
 
 /// How the relay treats a failed publish; decided once, where the broker's error is converted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,18 +251,21 @@ pub(crate) enum Broker {
 }
 
 impl Broker {
-    /// The producer `settings` describe; `connection_name` identifies the relay to the broker
+    /// The producer `settings` describe, sending messages shaped by `layout`; `connection_name` identifies the relay to the broker
     /// where it shows one (RabbitMQ's management UI). Nothing connects yet.
     pub(crate) fn new(
         settings: &BrokerSettings,
+        layout: Layout,
         connection_name: String,
     ) -> Result<Self, rdkafka::error::KafkaError> {
         Ok(match settings {
-            BrokerSettings::Kafka { settings, allowed } => {
-                Self::Kafka(kafka::KafkaProducer::new(settings, allowed.clone())?)
-            }
+            BrokerSettings::Kafka { settings, allowed } => Self::Kafka(kafka::KafkaProducer::new(
+                settings,
+                allowed.clone(),
+                layout,
+            )?),
             BrokerSettings::RabbitMq { settings, allowed } => Self::RabbitMq(Box::new(
-                rabbitmq::RabbitMqProducer::new(settings, connection_name, allowed.clone()),
+                rabbitmq::RabbitMqProducer::new(settings, connection_name, allowed.clone(), layout),
             )),
             BrokerSettings::Discard => Self::Discard,
         })
@@ -329,19 +332,28 @@ impl fmt::Display for Broker {
     }
 }
 
-/// The standard headers every message carries, then the row's own `headers` (an object; string
-/// values are used as they are, other JSON values as their JSON text). Row headers that reuse a
-/// standard name are skipped: the standard ones are what consumers deduplicate and route on.
-pub(crate) fn headers(row: &OutboxRow) -> Result<Vec<(String, String)>, PublishError> {
+/// The layout's standard headers every message carries ([`Layout::standard_headers`]), then
+/// the headers from columns of their own, then the row's `headers` (an object; string values
+/// are used as they are, other JSON values as their JSON text). Headers that reuse a standard
+/// name are skipped: the standard ones are what consumers deduplicate and route on.
+pub(crate) fn headers(
+    row: &OutboxRow,
+    layout: Layout,
+) -> Result<Vec<(String, String)>, PublishError> {
     let extra: BTreeMap<String, serde_json::Value> =
         serde_json::from_str(&row.headers).map_err(|_| PublishError::InvalidHeaders)?;
-    let mut out = Vec::with_capacity(STANDARD_HEADERS.len() + extra.len());
-    out.push(("event_id".to_owned(), row.event_id.to_string()));
-    out.push(("event_type".to_owned(), row.event_type.clone()));
-    out.push(("aggregate_type".to_owned(), row.aggregate_type.clone()));
-    out.push(("aggregate_id".to_owned(), row.aggregate_id.clone()));
+    let standard = layout.standard_names();
+    let mut out = Vec::with_capacity(standard.len() + row.column_headers.len() + extra.len());
+    for (name, value) in layout.standard_headers(row) {
+        out.push((name.to_owned(), value));
+    }
+    for (name, value) in &row.column_headers {
+        if !standard.contains(&name.as_ref()) {
+            out.push((name.to_string(), value.clone()));
+        }
+    }
     for (name, value) in extra {
-        if STANDARD_HEADERS.contains(&name.as_str()) {
+        if standard.contains(&name.as_str()) {
             continue;
         }
         let value = match value {
@@ -379,10 +391,6 @@ impl Allowed {
         }
     }
 }
-
-/// Header names the relay always sets.
-pub(crate) const STANDARD_HEADERS: [&str; 4] =
-    ["event_id", "event_type", "aggregate_type", "aggregate_id"];
 
 /// Generated rows for property tests: any Unicode, lengths around protocol limits, any JSON.
 #[cfg(test)]
@@ -424,14 +432,14 @@ pub(crate) mod arbitrary {
         (text(), text(), text(), json(), json(), any::<i64>()).prop_map(
             |(aggregate_type, aggregate_id, event_type, payload, headers, seconds)| OutboxRow {
                 id: 1,
-                event_id: uuid::Uuid::nil(),
+                event_id: uuid::Uuid::nil().to_string(),
                 aggregate_type,
                 aggregate_id,
                 event_type,
-                payload: payload.to_string(),
+                payload: crate::outbox::Payload::Json(payload.to_string()),
                 headers: headers.to_string(),
-                created_at: chrono::DateTime::from_timestamp(seconds % 10_000_000_000, 0)
-                    .unwrap_or_default(),
+                column_headers: Vec::new(),
+                created_at: chrono::DateTime::from_timestamp(seconds % 10_000_000_000, 0),
                 null_columns: Vec::new(),
                 attempts: 1,
                 deferrals: 0,
@@ -454,7 +462,11 @@ mod tests {
 
     #[test]
     fn standard_headers_come_first_and_cannot_be_overridden() {
-        let h = headers(&row(r#"{"trace": "abc", "n": 3, "event_id": "forged"}"#)).unwrap();
+        let h = headers(
+            &row(r#"{"trace": "abc", "n": 3, "event_id": "forged"}"#),
+            Layout::Relay,
+        )
+        .unwrap();
         let names: Vec<&str> = h.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
@@ -472,6 +484,21 @@ mod tests {
     }
 
     #[test]
+    fn the_debezium_layout_sends_one_standard_header_then_column_headers() {
+        let mut row = row(r#"{"id": "forged", "trace": "abc"}"#);
+        row.column_headers = vec![("eventType".into(), "placed".to_owned())];
+        let h = headers(&row, Layout::Debezium).unwrap();
+        assert_eq!(
+            h,
+            [
+                ("id".to_owned(), uuid::Uuid::from_u128(1).to_string()),
+                ("eventType".to_owned(), "placed".to_owned()),
+                ("trace".to_owned(), "abc".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
     fn destinations_outside_the_allow_list_fail_permanently() {
         let allowed = Allowed::new(&["outbox.event.*".to_owned(), "audit".to_owned()]);
         assert!(allowed.check("outbox.event.order").is_ok());
@@ -484,7 +511,7 @@ mod tests {
 
     #[test]
     fn non_object_headers_are_a_permanent_error() {
-        let err = headers(&row("[1,2]")).unwrap_err();
+        let err = headers(&row("[1,2]"), Layout::Relay).unwrap_err();
         assert_eq!(err.class(), ErrorClass::Permanent);
     }
 }

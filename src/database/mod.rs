@@ -1,7 +1,8 @@
 //! The databases the relay works next to: one module per family (PostgreSQL today), each with
 //! its statements, commit-order guard, schema and configuration section, and the error every
-//! family's operations report.
+//! family's operations report; [`columns`] maps the table's own column names, for all of them.
 
+pub(crate) mod columns;
 pub(crate) mod postgres;
 
 use std::time::Duration;

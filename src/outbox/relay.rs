@@ -845,13 +845,12 @@ impl<S: Store, P: Producer> Relay<S, P> {
                 *published
                     .entry(self.destination_label(row, true))
                     .or_default() += 1;
-                latency.record(
-                    (now - row.created_at)
-                        .num_microseconds()
-                        .unwrap_or(0)
-                        .max(0) as f64
-                        / 1e6,
-                );
+                // A table without a creation column gives no latency to record.
+                if let Some(created_at) = row.created_at {
+                    latency.record(
+                        (now - created_at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6,
+                    );
+                }
             } else if let Some(failure) = failures.next_if(|f| f.id == row.id) {
                 if failure.deferred {
                     continue;

@@ -20,8 +20,6 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use uuid::Uuid;
-
 use super::OutboxRow;
 use super::config::RetryPolicy;
 use super::store::Failure;
@@ -64,7 +62,7 @@ impl Triage {
 pub(crate) enum Note {
     /// A row used its last attempt (or crashed the relay more often than it may) and is dead.
     DeadLettered {
-        event_id: Uuid,
+        event_id: String,
         aggregate_id: String,
         attempt: i32,
         error: String,
@@ -73,7 +71,7 @@ pub(crate) enum Note {
     },
     /// A row failed permanently and will be retried.
     WillRetry {
-        event_id: Uuid,
+        event_id: String,
         attempt: i32,
         retry_in: Duration,
         error: String,
@@ -81,7 +79,7 @@ pub(crate) enum Note {
     /// A row failed for a reason that is not its own (debug level: the outage, or the
     /// deferral below, is what is reported).
     FailedTransiently {
-        event_id: Uuid,
+        event_id: String,
         attempt: i32,
         error: String,
     },
@@ -89,7 +87,7 @@ pub(crate) enum Note {
     /// batch, naming the first.
     Deferred {
         rows: usize,
-        event_id: Uuid,
+        event_id: String,
         deferrals: i32,
         error: String,
     },
@@ -158,7 +156,7 @@ fn failure_note(
 ) -> Note {
     if dead {
         Note::DeadLettered {
-            event_id: row.event_id,
+            event_id: row.event_id.clone(),
             aggregate_id: row.aggregate_id.clone(),
             attempt: row.attempts,
             error: error.to_owned(),
@@ -166,7 +164,7 @@ fn failure_note(
         }
     } else {
         Note::WillRetry {
-            event_id: row.event_id,
+            event_id: row.event_id.clone(),
             attempt: row.attempts,
             retry_in,
             error: error.to_owned(),
@@ -298,7 +296,7 @@ pub(crate) fn settle(
             }
             ErrorClass::Transient | ErrorClass::Fatal => {
                 settlement.notes.push(Note::FailedTransiently {
-                    event_id: row.event_id,
+                    event_id: row.event_id.clone(),
                     attempt: row.attempts,
                     error: error.clone(),
                 });
@@ -317,7 +315,7 @@ pub(crate) fn settle(
     if let Some((first, error)) = deferred.first() {
         settlement.notes.push(Note::Deferred {
             rows: deferred.len(),
-            event_id: first.event_id,
+            event_id: first.event_id.clone(),
             deferrals: first.deferrals + 1,
             error: error.clone(),
         });

@@ -138,11 +138,13 @@ impl TopicReader {
             partition: message.partition(),
             key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
             payload: serde_json::from_slice(message.payload().unwrap_or_default())
-                .expect("JSON payload"),
+                .unwrap_or_default(),
+            value: message.payload().map(<[u8]>::to_vec),
+            timestamp: message.timestamp().to_millis(),
             headers,
             properties: BTreeMap::new(),
         };
-        self.seen.insert(received.header("event_id").to_owned());
+        self.seen.insert(received.event_id().to_owned());
         self.received.push(received);
     }
 }

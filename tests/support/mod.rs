@@ -140,6 +140,8 @@ pub struct Outbox {
     pub retention: BTreeMap<&'static str, String>,
     /// Extra `[broker]` keys.
     pub broker_keys: BTreeMap<&'static str, String>,
+    /// Further sections (`database.columns`, ...): name → keys as TOML values.
+    pub sections: BTreeMap<&'static str, BTreeMap<String, String>>,
     pub dir: tempfile::TempDir,
     /// Held for the test's duration: shared for ordinary RabbitMQ tests, exclusive for tests
     /// that restart or reconfigure the broker.
@@ -240,6 +242,7 @@ impl Outbox {
             http: None,
             retention: BTreeMap::new(),
             broker_keys: BTreeMap::new(),
+            sections: BTreeMap::new(),
             _rabbit_guard: None,
             database_url: url,
             pool,
@@ -318,6 +321,13 @@ impl Outbox {
                 .unwrap_or_default(),
         ]
         .join("\n");
+        let mut text = text;
+        for (name, entries) in &self.sections {
+            text.push_str(&format!("\n[{name}]\n"));
+            for (key, value) in entries {
+                text.push_str(&format!("\"{key}\" = {value}\n"));
+            }
+        }
         // Written aside and renamed, so concurrent commands never read a half-written file.
         let path = self.dir.path().join(name);
         let partial = self.dir.path().join(unique("relay.toml.partial"));
@@ -576,7 +586,12 @@ pub struct Received {
     pub topic: String,
     pub partition: i32,
     pub key: String,
+    /// The value as JSON (`Null` when it is not JSON, or absent).
     pub payload: serde_json::Value,
+    /// The value's bytes; `None` for a Kafka tombstone.
+    pub value: Option<Vec<u8>>,
+    /// Kafka: the message timestamp; AMQP: the `timestamp` property (whole seconds), in ms.
+    pub timestamp: Option<i64>,
     pub headers: BTreeMap<String, String>,
     /// AMQP message properties (`message_id`, `type`, `content_type`, `delivery_mode`,
     /// `timestamp`); empty for Kafka.
@@ -586,6 +601,14 @@ pub struct Received {
 impl Received {
     pub fn header(&self, name: &str) -> &str {
         self.headers.get(name).map_or("", String::as_str)
+    }
+
+    /// The event id: header `event_id`, or `id` (the Debezium layout's only header).
+    pub fn event_id(&self) -> &str {
+        self.headers
+            .get("event_id")
+            .or_else(|| self.headers.get("id"))
+            .map_or("", String::as_str)
     }
 
     pub fn seq(&self) -> i64 {

@@ -229,11 +229,13 @@ impl QueueReader {
             topic: delivery.routing_key.to_string(),
             partition: 0,
             key: headers.get("aggregate_id").cloned().unwrap_or_default(),
-            payload: serde_json::from_slice(&delivery.data).expect("JSON payload"),
+            payload: serde_json::from_slice(&delivery.data).unwrap_or_default(),
+            value: Some(delivery.data.clone()),
+            timestamp: props.timestamp().map(|t| t as i64 * 1000),
             headers,
             properties,
         };
-        self.seen.insert(received.header("event_id").to_owned());
+        self.seen.insert(received.event_id().to_owned());
         self.received.push(received);
     }
 }

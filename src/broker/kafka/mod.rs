@@ -17,7 +17,7 @@ use super::template::Template;
 use super::{
     Allowed, ErrorClass, HoldBack, NotAttempted, Outcome, Outcomes, PublishError, headers,
 };
-use crate::outbox::OutboxRow;
+use crate::outbox::{Layout, OutboxRow};
 use config::KafkaSettings;
 
 /// Routes librdkafka's own log lines and global errors to debug level: a broker that is down
@@ -48,6 +48,8 @@ pub(crate) struct KafkaProducer {
     topic: Template,
     /// Topics rows may render to.
     allowed: Allowed,
+    /// Which standard headers messages carry.
+    layout: Layout,
 }
 
 impl fmt::Debug for KafkaProducer {
@@ -62,7 +64,11 @@ impl fmt::Debug for KafkaProducer {
 impl KafkaProducer {
     /// Creates the producer from settings librdkafka already checked (no connection is made
     /// yet); an error here means the client could not be created (e.g. no thread).
-    pub(crate) fn new(settings: &KafkaSettings, allowed: Allowed) -> Result<Self, KafkaError> {
+    pub(crate) fn new(
+        settings: &KafkaSettings,
+        allowed: Allowed,
+        layout: Layout,
+    ) -> Result<Self, KafkaError> {
         let client = settings.client.clone();
         let topic = settings.topic.clone();
         let producer = client.create_with_context(QuietContext)?;
@@ -71,6 +77,7 @@ impl KafkaProducer {
             client,
             topic,
             allowed,
+            layout,
         })
     }
 
@@ -207,17 +214,13 @@ impl KafkaProducer {
         validate_topic(&topic)?;
         self.allowed.check(&topic)?;
         let mut kafka_headers = OwnedHeaders::new();
-        for (name, value) in headers(row)? {
+        for (name, value) in headers(row, self.layout)? {
             kafka_headers = kafka_headers.insert(Header {
                 key: &name,
                 value: Some(value.as_bytes()),
             });
         }
-        let mut record = FutureRecord::to(&topic)
-            .key(row.aggregate_id.as_bytes())
-            .payload(row.payload.as_bytes())
-            .timestamp(row.created_at.timestamp_millis())
-            .headers(kafka_headers);
+        let mut record = record(&topic, row, kafka_headers);
         loop {
             match producer.send_result(record) {
                 Ok(delivery) => return Ok(delivery),
@@ -238,6 +241,26 @@ impl KafkaProducer {
             }
         }
     }
+}
+
+/// The Kafka record for `row`: key `aggregate_id`, value the payload as stored (none for a
+/// NULL payload: a tombstone), timestamp the creation time when the table maps one (else
+/// librdkafka stamps the send time).
+fn record<'a>(
+    topic: &'a str,
+    row: &'a OutboxRow,
+    headers: OwnedHeaders,
+) -> FutureRecord<'a, [u8], [u8]> {
+    let mut record = FutureRecord::to(topic)
+        .key(row.aggregate_id.as_bytes())
+        .headers(headers);
+    if let Some(value) = row.payload.bytes() {
+        record = record.payload(value);
+    }
+    if let Some(created_at) = row.created_at {
+        record = record.timestamp(created_at.timestamp_millis());
+    }
+    record
 }
 
 fn delivery_outcome(
@@ -319,7 +342,7 @@ mod tests {
             #[test]
             fn builds_a_record_or_fails_permanently(row in row()) {
                 let topic = Template::parse("outbox.{aggregate_type}.{event_type}").unwrap().render(&row);
-                let built = validate_topic(&topic).and_then(|()| headers(&row));
+                let built = validate_topic(&topic).and_then(|()| headers(&row, Layout::Relay));
                 match built {
                     Ok(pairs) => {
                         let mut kafka_headers = OwnedHeaders::new();
@@ -330,11 +353,7 @@ mod tests {
                             });
                         }
                         prop_assert_eq!(rdkafka::message::Headers::count(&kafka_headers), pairs.len());
-                        let record = FutureRecord::to(&topic)
-                            .key(row.aggregate_id.as_bytes())
-                            .payload(row.payload.as_bytes())
-                            .timestamp(row.created_at.timestamp_millis())
-                            .headers(kafka_headers);
+                        let record = record(&topic, &row, kafka_headers);
                         prop_assert_eq!(record.key, Some(row.aggregate_id.as_bytes()));
                     }
                     Err(err) => prop_assert_eq!(err.class(), ErrorClass::Permanent),
@@ -393,7 +412,7 @@ mod tests {
             let settings = config
                 .validate(Duration::from_secs(120))
                 .unwrap_or_else(|err| panic!("{mechanism}: {err}"));
-            KafkaProducer::new(&settings, Allowed::new(&[]))
+            KafkaProducer::new(&settings, Allowed::new(&[]), Layout::Relay)
                 .unwrap_or_else(|err| panic!("{mechanism}: {err}"));
         }
     }

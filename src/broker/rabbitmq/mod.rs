@@ -35,7 +35,7 @@ use super::template::Template;
 use super::{
     Allowed, ErrorClass, HoldBack, NotAttempted, Outcome, Outcomes, PublishError, headers,
 };
-use crate::outbox::OutboxRow;
+use crate::outbox::{Layout, OutboxRow};
 use config::RabbitMqSettings;
 
 /// Publishes rows as AMQP messages to a (templated) exchange with a (templated) routing key.
@@ -50,6 +50,8 @@ pub(crate) struct RabbitMqProducer {
     declare_exchange: bool,
     /// Exchanges rows may render to.
     allowed: Allowed,
+    /// Which standard headers messages carry.
+    layout: Layout,
     confirm_timeout: Duration,
     /// Client-provided connection name, shown by `rabbitmqctl list_connections` and the
     /// management UI, so operators can tell which relay a connection belongs to.
@@ -106,9 +108,11 @@ impl RabbitMqProducer {
         settings: &RabbitMqSettings,
         connection_name: String,
         allowed: Allowed,
+        layout: Layout,
     ) -> Self {
         Self {
             allowed,
+            layout,
             connection_name,
             tls: settings.tls.clone(),
             url: settings.url.clone(),
@@ -282,11 +286,22 @@ fn validate_routing_key(key: &str) -> Result<(), PublishError> {
 /// connection's `frame_max` the broker would close the whole connection (FRAME_ERROR) without
 /// naming the message, an outage that would come back with every batch carrying the row. Such
 /// a row fails permanently instead, before anything is sent.
-fn properties(row: &OutboxRow, frame_max: usize) -> Result<BasicProperties, PublishError> {
-    let headers = headers(row)?;
-    let message_id = short_string("event_id", row.event_id.to_string())?;
+fn properties(
+    row: &OutboxRow,
+    frame_max: usize,
+    layout: Layout,
+) -> Result<BasicProperties, PublishError> {
+    let headers = headers(row, layout)?;
+    let message_id = short_string("event_id", row.event_id.clone())?;
     let kind = short_string("event_type", row.event_type.clone())?;
-    let size = header_frame_size(message_id.as_str(), kind.as_str(), &headers);
+    let content_type = row.payload.content_type();
+    let size = header_frame_size(
+        content_type,
+        row.created_at.is_some(),
+        message_id.as_str(),
+        kind.as_str(),
+        &headers,
+    );
     if size > frame_max {
         return Err(PublishError::HeaderFrameTooLarge { size, frame_max });
     }
@@ -297,25 +312,38 @@ fn properties(row: &OutboxRow, frame_max: usize) -> Result<BasicProperties, Publ
             AMQPValue::LongString(value.into()),
         );
     }
-    Ok(BasicProperties::default()
+    let mut properties = BasicProperties::default()
         .with_delivery_mode(2)
-        .with_content_type(ShortString::from(CONTENT_TYPE))
         .with_message_id(message_id)
         .with_type(kind)
-        .with_timestamp(u64::try_from(row.created_at.timestamp()).unwrap_or(0))
-        .with_headers(table))
+        .with_headers(table);
+    if let Some(content_type) = content_type {
+        properties = properties.with_content_type(ShortString::from(content_type));
+    }
+    if let Some(created_at) = row.created_at {
+        properties = properties.with_timestamp(u64::try_from(created_at.timestamp()).unwrap_or(0));
+    }
+    Ok(properties)
 }
-
-const CONTENT_TYPE: &str = "application/json";
 
 /// The encoded size of the content-header frame for the properties [`properties`] sets
 /// (checked against amq-protocol's encoder by the property test below).
-fn header_frame_size(message_id: &str, kind: &str, headers: &[(String, String)]) -> usize {
+fn header_frame_size(
+    content_type: Option<&str>,
+    timestamp: bool,
+    message_id: &str,
+    kind: &str,
+    headers: &[(String, String)],
+) -> usize {
     // frame type, channel, size, frame end; class, weight, body size, property flags
     const FIXED: usize = 1 + 2 + 4 + 1 + 2 + 2 + 8 + 2;
     // short strings carry a length byte; delivery mode 1 byte; timestamp 8; table length 4
-    let properties =
-        (1 + CONTENT_TYPE.len()) + 1 + (1 + message_id.len()) + (1 + kind.len()) + 8 + 4;
+    let properties = content_type.map_or(0, |c| 1 + c.len())
+        + 1
+        + (1 + message_id.len())
+        + (1 + kind.len())
+        + if timestamp { 8 } else { 0 }
+        + 4;
     // per entry: name (short string), type tag, long string (4-byte length)
     let table: usize = headers
         .iter()
@@ -543,7 +571,7 @@ impl RabbitMqProducer {
                             limit: max_size,
                         })
                     } else {
-                        properties(row, frame_max)
+                        properties(row, frame_max, self.layout)
                     }
                 });
             let properties = match prepared {
@@ -606,7 +634,7 @@ impl RabbitMqProducer {
                 exchange.as_str().into(),
                 routing_key.as_str().into(),
                 options,
-                row.payload.as_bytes(),
+                row.payload.bytes().unwrap_or_default(),
                 properties,
             ));
             match futures::poll!(&mut write) {
@@ -786,7 +814,7 @@ mod tests {
                     Err(err) => prop_assert_eq!(err.class(), ErrorClass::Permanent),
                 }
                 // The properties: encoded as lapin sends them, and read back unchanged.
-                match properties(&row, usize::MAX) {
+                match properties(&row, usize::MAX, Layout::Relay) {
                     Ok(properties) => {
                         let frame = AMQPFrame::Header(1, AMQPContentHeader {
                             class_id: 60,
@@ -803,8 +831,9 @@ mod tests {
                         // The size `properties` checks against frame_max is the encoded one.
                         let message_id = properties.message_id().as_ref().map_or("", |s| s.as_str());
                         let kind = properties.kind().as_ref().map_or("", |s| s.as_str());
-                        let listed = headers(&row).expect("properties read them");
-                        prop_assert_eq!(header_frame_size(message_id, kind, &listed), bytes.len());
+                        let listed = headers(&row, Layout::Relay).expect("properties read them");
+                        let content_type = properties.content_type().as_ref().map(|s| s.as_str());
+                        prop_assert_eq!(header_frame_size(content_type, properties.timestamp().is_some(), message_id, kind, &listed), bytes.len());
                         prop_assert_eq!(header.properties.kind(), properties.kind());
                     }
                     Err(err) => prop_assert_eq!(err.class(), ErrorClass::Permanent),

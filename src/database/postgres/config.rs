@@ -9,6 +9,8 @@ use sqlx::postgres::{PgConnectOptions, PgSslMode};
 
 use super::{APPLICATION_NAME, IDLE_IN_TRANSACTION_TIMEOUT, Table};
 use crate::constraint::{ConfigError, at_least, invalid, is_loopback, yes};
+use crate::database::columns::{Columns, ColumnsConfig};
+use crate::outbox::Layout;
 
 /// `[database]`
 #[derive(Debug, Deserialize)]
@@ -42,6 +44,14 @@ pub struct DatabaseConfig {
     /// such a URL is refused; use `sslmode=verify-full` (with `sslrootcert` for a private CA).
     #[serde(default)]
     pub allow_insecure_transport: bool,
+    /// The table layout the column mapping starts from and the shape of the messages:
+    /// `"relay"` (this relay's table and headers) or `"debezium"` (Debezium's outbox table and
+    /// its Outbox Event Router's message). Default "relay".
+    #[serde(default)]
+    pub layout: Layout,
+    /// `[database.columns]`: the table's own column names (see [`ColumnsConfig`]).
+    #[serde(default)]
+    pub columns: Option<ColumnsConfig>,
 }
 
 pub(crate) const DEFAULT_TABLE: &str = "outbox";
@@ -67,6 +77,10 @@ pub(crate) struct DatabaseSettings {
     pub(crate) statement_timeout: Duration,
     /// `database.notify_trigger`: what `migrate` does with the trigger.
     pub(crate) notify_trigger: bool,
+    /// `database.layout`: the shape of the messages.
+    pub(crate) layout: Layout,
+    /// The table's column for each part of an event (`database.layout`, `[database.columns]`).
+    pub(crate) columns: Columns,
 }
 
 impl DatabaseConfig {
@@ -132,10 +146,15 @@ impl DatabaseConfig {
                 IDLE_IN_TRANSACTION_TIMEOUT,
             ),
             ("synchronous_commit", "off"),
+            // `timestamp` columns (without time zone) of an adopted table are read as UTC.
+            ("timezone", "UTC"),
         ]);
+        let columns = Columns::parse(self.layout, self.columns.as_ref())?;
         Ok(DatabaseSettings {
             connect,
             table,
+            layout: self.layout,
+            columns,
             max_connections: self.max_connections,
             statement_timeout: self.statement_timeout,
             notify_trigger: self.notify_trigger,

@@ -57,8 +57,9 @@ pub(crate) mod table;
 pub(crate) use table::Table;
 
 use crate::database::DatabaseError;
+use crate::database::columns::Columns;
 use crate::outbox::store::{ClaimRules, Claimed, Failure, Store};
-use crate::outbox::{Batch, Lease, OutboxRow};
+use crate::outbox::{Batch, Lease, OutboxRow, Payload};
 #[cfg(doc)]
 use config::DatabaseConfig;
 use config::DatabaseSettings;
@@ -137,6 +138,8 @@ pub(crate) struct Postgres {
     lock_name: String,
     /// Whether a dead-lettered row holds back its aggregate (`retry.on_dead_letter = park`).
     park_dead: bool,
+    /// The table's columns: which of them the fetched rows' extra values are.
+    columns: Columns,
     /// `relay.max_batch_bytes`, as the claim binds it.
     max_batch_bytes: i64,
     /// Most rows the next claim asks for while events are large: about what the last claim
@@ -208,6 +211,7 @@ impl Postgres {
         connections: Connections,
         statement_timeout: Duration,
         table: &Table,
+        columns: &Columns,
         rules: ClaimRules,
     ) -> Self {
         let ClaimRules {
@@ -219,6 +223,8 @@ impl Postgres {
         // The quoted name inside a string literal (validated names hold no quote; escaped anyway).
         let t_literal = t.replace('\'', "''");
         let leases = table.companion("leases");
+        let c = Quoted::new(columns);
+        let (c_id, c_agg, c_payload) = (&c.id, &c.aggregate_id, &c.payload);
         // Chooses the batch: no row is written or locked (claims are serialised by the advisory
         // lock, and the lease row written next keeps other claims off its aggregates). Only
         // what the choice and the lease need comes back — ids, aggregates, attempt counters —
@@ -240,10 +246,10 @@ impl Postgres {
                select r.*,
                       coalesce(sum(r.size) over (order by r.id) - r.size, 0) < $4 as kept
                from (
-                 select o.id, o.aggregate_id,
-                        case when pg_column_compression(o.payload) is null
-                             then pg_column_size(o.payload)
-                             else octet_length(o.payload::text) end as size,
+                 select o.{c_id} as id, o.{c_agg}::text as aggregate_id,
+                        case when pg_column_compression(o.{c_payload}) is null
+                             then pg_column_size(o.{c_payload})
+                             else octet_length(o.{c_payload}::text) end as size,
                         o.attempts + 1 as attempts, o.deferrals,
                         -- the two attempts before this one left no outcome (migration 0007)
                         o.unsettled_attempts >= 2 as abandoned
@@ -251,21 +257,21 @@ impl Postgres {
                  where o.published_at is null and o.dead_lettered_at is null
                    and (o.next_attempt_at is null or o.next_attempt_at <= now())
                    -- the commit-order horizon (module docs); null when the guard is off
-                   and o.id <= coalesce($3, o.id)
+                   and o.{c_id} <= coalesce($3, o.{c_id})
                    -- skip aggregates with a waiting row: backing off (a hashed subplan over
                    -- the small waiting index, migration 0002), parked behind a dead letter
                    -- (retry.on_dead_letter = park, migration 0003), or in a lease
                    -- (a NULL aggregate_id counts as '', so it neither hides every row from
                    -- `not in` nor escapes it)
-                   and coalesce(o.aggregate_id, '') not in (
-                       select coalesce(w.aggregate_id, '') from {t} w
+                   and coalesce(o.{c_agg}::text, '') not in (
+                       select coalesce(w.{c_agg}::text, '') from {t} w
                        where w.published_at is null and w.next_attempt_at > now()
                        union all
-                       select coalesce(d.aggregate_id, '') from {t} d
+                       select coalesce(d.{c_agg}::text, '') from {t} d
                        where $2 and d.published_at is null and d.dead_lettered_at is not null
                        union all
                        select unnest(l.aggregates) from {leases} l)
-                 order by o.id
+                 order by o.{c_id}
                  limit $1
                ) r
              ) c
@@ -274,13 +280,33 @@ impl Postgres {
         // The claimed rows' contents, read after the claim committed (the lease keeps them
         // this batch's), in the claim's (`id`) order. One index scan over the sorted ids
         // (a join with `unnest` probed the index once per id: ~1 ms more per 1 000 rows).
-        // Decoded by position (`decode_row`): keep the column order.
+        // Decoded by position (`decode_row`): keep the column order. The payload and the
+        // creation time come as stored and are decoded by their type (`decode_payload`).
         let fetch = format!(
-            "select o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
-                    o.payload::text as payload, o.headers::text as headers, o.created_at
+            "select o.{c_id}, o.{event_id}::text, o.{aggregate_type}::text, o.{c_agg}::text,
+                    o.{event_type}::text, o.{c_payload}, {headers}, {created_at}{header_columns}
              from {t} o
-             where o.id = any($1::bigint[])
-             order by o.id"
+             where o.{c_id} = any($1::bigint[])
+             order by o.{c_id}",
+            event_id = c.event_id,
+            aggregate_type = c.aggregate_type,
+            event_type = c.event_type,
+            headers = c
+                .headers
+                .as_ref()
+                .map_or("null::text".to_owned(), |h| format!("o.{h}::text")),
+            // `timestamp` columns are read as UTC (the relay's sessions use UTC)
+            created_at = c
+                .created_at
+                .as_ref()
+                .map_or("null::timestamptz".to_owned(), |h| format!(
+                    "o.{h}::timestamptz"
+                )),
+            header_columns = c
+                .header_columns
+                .iter()
+                .map(|column| format!(", o.{column}::text"))
+                .collect::<String>(),
         );
         // The batch's lease, in the claim's transaction. Ids and distinct aggregates come from
         // the relay: building them in SQL (a materialised CTE of the rows, a sort for the
@@ -309,7 +335,7 @@ impl Postgres {
              update {t} o set attempts = o.attempts + 1,
                               unsettled_attempts = o.unsettled_attempts + 1
              from expired e, unnest(e.ids) as b(id)
-             where o.id = b.id and o.published_at is null and o.dead_lettered_at is null
+             where o.{c_id} = b.id and o.published_at is null and o.dead_lettered_at is null
                and (o.next_attempt_at is null or o.next_attempt_at <= e.claimed_at)"
         );
         // The last statement of a settlement: marks the acknowledged rows and ends the lease, in
@@ -322,7 +348,7 @@ impl Postgres {
              update {t} o set published_at = now(), next_attempt_at = null,
                               attempts = o.attempts + 1
              from lease, unnest($1::bigint[]) as b(id)
-             where o.id = b.id and o.published_at is null"
+             where o.{c_id} = b.id and o.published_at is null"
         );
         let retry = format!(
             "with lease as (select id from {leases} where id = $5 for share)
@@ -336,7 +362,7 @@ impl Postgres {
                  dead_lettered_at = case when f.dead then now() end
              from lease, unnest($1::bigint[], $2::text[], $3::bigint[], $4::bool[], $6::bool[])
                   as f(id, error, delay_ms, dead, deferred)
-             where o.id = f.id and o.published_at is null"
+             where o.{c_id} = f.id and o.published_at is null"
         );
         // Released rows leave the lease's ids, so reaping the lease (should the relay die
         // before the batch is settled) charges them nothing; their aggregates stay held until
@@ -353,7 +379,7 @@ impl Postgres {
              noted as (
                  update {t} o set last_error = $3, unsettled_attempts = 0
                  from lease, unnest($1::bigint[]) as b(id)
-                 where $3::text is not null and o.id = b.id and o.published_at is null
+                 where $3::text is not null and o.{c_id} = b.id and o.published_at is null
              )
              select coalesce((select released from lease), 0)::bigint"
         );
@@ -369,31 +395,32 @@ impl Postgres {
         // large the table. The try-lock makes one instance delete at a time; the others skip
         // the round.
         let delete_published = format!(
-            "delete from {t} where id in (
-                 select id from {t}
+            "delete from {t} where {c_id} in (
+                 select {c_id} from {t}
                  where published_at < now() - $1 * interval '1 millisecond'
                    and pg_try_advisory_xact_lock(
                            hashtextextended($3 || '{t_literal}'::regclass::oid::text, 0))
                  order by published_at limit $2)"
         );
         let delete_dead = format!(
-            "delete from {t} where id in (
-                 select id from {t}
+            "delete from {t} where {c_id} in (
+                 select {c_id} from {t}
                  where published_at is null
                    and dead_lettered_at < now() - $1 * interval '1 millisecond'
                    and pg_try_advisory_xact_lock(
                            hashtextextended($3 || '{t_literal}'::regclass::oid::text, 0))
-                 order by id limit $2)"
+                 order by {c_id} limit $2)"
         );
         let pending = format!(
-            "select count(*), min(created_at) from {t}
-             where published_at is null and dead_lettered_at is null"
+            "select count(*), min({created_at})::timestamptz from {t}
+             where published_at is null and dead_lettered_at is null",
+            created_at = c.created_at.as_deref().unwrap_or("null::timestamptz"),
         );
         // The highest visible id (read from this statement's snapshot, i.e. before the lock
         // table), the virtual xids now writing to the table, and which of the pending fences'
         // writers are still alive. Relay sessions never insert and are left out.
         let fence_probe = format!(
-            "select (select max(id) from {t}) as high,
+            "select (select max({c_id}) from {t}) as high,
                     array(select distinct l.virtualtransaction from pg_locks l
                           where l.locktype = 'relation' and l.mode = 'RowExclusiveLock'
                             -- the table, or any partition of it (an insert straight into a
@@ -418,6 +445,7 @@ impl Postgres {
             client_timeout: statement_timeout + CLIENT_TIMEOUT_MARGIN,
             lock_name: "outbox-relay:claim:".to_owned(),
             park_dead,
+            columns: columns.clone(),
             max_batch_bytes: i64::try_from(max_batch_bytes).unwrap_or(i64::MAX),
             row_budget: Arc::new(AtomicU32::new(u32::MAX)),
             retention_lock: "outbox-relay:retention:".to_owned(),
@@ -611,7 +639,8 @@ impl Store for Postgres {
                     return Err(err);
                 }
             };
-            let rows = join_picked(picked, &fetched).map_err(DatabaseError::new("claim"))?;
+            let rows = join_picked(picked, &fetched, &self.columns)
+                .map_err(DatabaseError::new("claim"))?;
             Ok(Claimed {
                 batch: Some(Batch { rows, lease, full }),
                 held_back,
@@ -798,15 +827,20 @@ pub(crate) struct Status {
 pub(crate) async fn status(
     conn: &mut sqlx::PgConnection,
     table: &Table,
+    columns: &Columns,
     park_dead: bool,
 ) -> Result<Status, sqlx::Error> {
     let t = table.quoted();
     let leases = table.companion("leases");
+    let c = Quoted::new(columns);
+    let (c_id, c_agg) = (&c.id, &c.aggregate_id);
+    let created_at = c.created_at.as_deref().unwrap_or("null::timestamptz");
     let row = sqlx::query(AssertSqlSafe(format!(
         "with leased as (select unnest(ids) as id from {leases}),
          unpublished as (
-             select id, aggregate_id, created_at, next_attempt_at, dead_lettered_at,
-                    id in (select id from leased) as in_flight
+             select {c_id} as id, {c_agg}::text as aggregate_id,
+                    {created_at}::timestamptz as created_at, next_attempt_at, dead_lettered_at,
+                    {c_id} in (select id from leased) as in_flight
              from {t} where published_at is null
          ),
          waiting as (
@@ -842,7 +876,7 @@ pub(crate) async fn status(
 /// Which dead-lettered rows `requeue` puts back.
 #[derive(Debug)]
 pub(crate) enum Requeue {
-    EventIds(Vec<uuid::Uuid>),
+    EventIds(Vec<String>),
     Aggregate(String),
     All,
 }
@@ -852,25 +886,33 @@ pub(crate) enum Requeue {
 pub(crate) async fn requeue(
     conn: &mut sqlx::PgConnection,
     table: &Table,
+    columns: &Columns,
     which: &Requeue,
 ) -> Result<u64, sqlx::Error> {
     let t = table.quoted();
+    let c = Quoted::new(columns);
     let base = format!(
         "update {t} set dead_lettered_at = null, attempts = 0, next_attempt_at = null
          where published_at is null and dead_lettered_at is not null"
     );
     let done = match which {
         Requeue::EventIds(ids) => {
-            sqlx::query(AssertSqlSafe(format!("{base} and event_id = any($1)")))
-                .bind(ids)
-                .execute(&mut *conn)
-                .await?
+            sqlx::query(AssertSqlSafe(format!(
+                "{base} and {}::text = any($1)",
+                c.event_id
+            )))
+            .bind(ids)
+            .execute(&mut *conn)
+            .await?
         }
         Requeue::Aggregate(aggregate) => {
-            sqlx::query(AssertSqlSafe(format!("{base} and aggregate_id = $1")))
-                .bind(aggregate)
-                .execute(&mut *conn)
-                .await?
+            sqlx::query(AssertSqlSafe(format!(
+                "{base} and {}::text = $1",
+                c.aggregate_id
+            )))
+            .bind(aggregate)
+            .execute(&mut *conn)
+            .await?
         }
         Requeue::All => sqlx::query(AssertSqlSafe(base)).execute(&mut *conn).await?,
     };
@@ -908,14 +950,18 @@ impl Picked {
 
 /// The batch: each picked row with its contents, in the claim's order. A row missing from
 /// `fetched` (deleted by the application since the claim) is left out.
-fn join_picked(picked: Vec<Picked>, fetched: &[PgRow]) -> Result<Vec<OutboxRow>, sqlx::Error> {
+fn join_picked(
+    picked: Vec<Picked>,
+    fetched: &[PgRow],
+    columns: &Columns,
+) -> Result<Vec<OutboxRow>, sqlx::Error> {
     let mut contents = fetched.iter().peekable();
     let mut rows = Vec::with_capacity(picked.len());
     for meta in picked {
         let Some(row) = contents.next_if(|r| r.try_get::<i64, _>(0).ok() == Some(meta.id)) else {
             continue;
         };
-        rows.push(decode_row(row, meta)?);
+        rows.push(decode_row(row, meta, columns)?);
     }
     Ok(rows)
 }
@@ -924,8 +970,9 @@ fn join_picked(picked: Vec<Picked>, fetched: &[PgRow]) -> Result<Vec<OutboxRow>,
 ///
 /// A NULL in a column the message needs (possible in a table adopted without the NOT NULL
 /// constraints `migrate` creates) does not fail the claim: the row comes back with the column's
-/// name in `null_columns` and fails on its own. A NULL `headers` means no extra headers.
-fn decode_row(row: &PgRow, meta: Picked) -> Result<OutboxRow, sqlx::Error> {
+/// name in `null_columns` and fails on its own. A NULL payload is a message without a value (a
+/// tombstone); a NULL `headers` means no extra headers, a NULL header column no such header.
+fn decode_row(row: &PgRow, meta: Picked, columns: &Columns) -> Result<OutboxRow, sqlx::Error> {
     let mut null_columns = Vec::new();
     let mut required = |name: &'static str, value: Option<String>| {
         value.unwrap_or_else(|| {
@@ -934,22 +981,25 @@ fn decode_row(row: &PgRow, meta: Picked) -> Result<OutboxRow, sqlx::Error> {
         })
     };
     // By position, in `fetch`'s select order.
+    let event_id = required("event_id", row.try_get(1)?);
     let aggregate_type = required("aggregate_type", row.try_get(2)?);
     // The claim's coalesced value is used, so the lease and the batch agree on it.
     required("aggregate_id", row.try_get(3)?);
     let event_type = required("event_type", row.try_get(4)?);
-    let payload = required("payload", row.try_get(5)?);
-    let event_id: Option<uuid::Uuid> = row.try_get(1)?;
+    let payload = decode_payload(row, 5)?;
     let created_at: Option<DateTime<Utc>> = row.try_get(7)?;
-    if event_id.is_none() {
-        null_columns.push("event_id");
-    }
-    if created_at.is_none() {
+    if created_at.is_none() && columns.created_at.is_some() {
         null_columns.push("created_at");
+    }
+    let mut column_headers = Vec::with_capacity(columns.header_columns.len());
+    for (index, (_, header)) in columns.header_columns.iter().enumerate() {
+        if let Some(value) = row.try_get::<Option<String>, _>(8 + index)? {
+            column_headers.push((Arc::clone(header), value));
+        }
     }
     Ok(OutboxRow {
         id: meta.id,
-        event_id: event_id.unwrap_or_default(),
+        event_id,
         aggregate_type,
         aggregate_id: meta.aggregate_id,
         event_type,
@@ -957,12 +1007,72 @@ fn decode_row(row: &PgRow, meta: Picked) -> Result<OutboxRow, sqlx::Error> {
         headers: row
             .try_get::<Option<String>, _>(6)?
             .unwrap_or_else(|| "{}".to_owned()),
-        created_at: created_at.unwrap_or_default(),
+        column_headers,
+        created_at,
         null_columns,
         attempts: meta.attempts,
         deferrals: meta.deferrals,
         abandoned: meta.abandoned,
     })
+}
+
+/// The payload column as stored, whatever its type: `jsonb` as PostgreSQL's text of it (its
+/// binary form is a version byte and that text), `json` and text types as their text, `bytea`
+/// as its bytes. Read without a cast in SQL, so the statement does not depend on the type.
+fn decode_payload(row: &PgRow, index: usize) -> Result<Payload, sqlx::Error> {
+    use sqlx::postgres::PgValueFormat;
+    use sqlx::{TypeInfo, ValueRef};
+    let raw = row.try_get_raw(index)?;
+    if raw.is_null() {
+        return Ok(Payload::Absent);
+    }
+    let kind = raw.type_info().name().to_owned();
+    let decode = |source| sqlx::Error::ColumnDecode {
+        index: "payload".to_owned(),
+        source,
+    };
+    let bytes = raw.as_bytes().map_err(decode)?;
+    let text =
+        |bytes: &[u8]| String::from_utf8(bytes.to_vec()).map_err(|err| decode(Box::new(err)));
+    Ok(match (kind.as_str(), raw.format()) {
+        // The fetch is a prepared statement: its values come in binary form.
+        ("BYTEA", _) => Payload::Bytes(bytes.to_vec()),
+        ("JSONB", PgValueFormat::Binary) => {
+            Payload::Json(text(bytes.get(1..).unwrap_or_default())?)
+        }
+        ("JSONB" | "JSON", _) => Payload::Json(text(bytes)?),
+        _ => Payload::Text(text(bytes)?),
+    })
+}
+
+/// The mapped column names, quoted for PostgreSQL (validated names hold no double quote).
+struct Quoted {
+    id: String,
+    event_id: String,
+    aggregate_type: String,
+    aggregate_id: String,
+    event_type: String,
+    payload: String,
+    headers: Option<String>,
+    header_columns: Vec<String>,
+    created_at: Option<String>,
+}
+
+impl Quoted {
+    fn new(columns: &Columns) -> Self {
+        let q = |name: &str| format!("\"{name}\"");
+        Self {
+            id: q(&columns.id),
+            event_id: q(&columns.event_id),
+            aggregate_type: q(&columns.aggregate_type),
+            aggregate_id: q(&columns.aggregate_id),
+            event_type: q(&columns.event_type),
+            payload: q(&columns.payload),
+            headers: columns.headers.as_deref().map(q),
+            header_columns: columns.header_columns.iter().map(|(c, _)| q(c)).collect(),
+            created_at: columns.created_at.as_deref().map(q),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -997,13 +1107,14 @@ mod tests {
         .expect("a database section");
         let settings = config.validate().expect("valid");
         let mut conn = schema::connect(&settings.connect).await.expect("connect");
-        schema::migrate(&mut conn, &settings.table, false)
+        schema::migrate(&mut conn, &settings.table, &settings.columns, false)
             .await
             .expect("migrate");
         let store = Postgres::new(
             Connections::new(&settings),
             settings.statement_timeout,
             &settings.table,
+            &settings.columns,
             ClaimRules {
                 park_dead: true,
                 commit_order_guard: true,
