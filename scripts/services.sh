@@ -91,4 +91,10 @@ if ! port_open 9092; then
     --storage-engine memory://tansu/ >"$tools/tansu.log" 2>&1 &
   wait_port 9092 tansu 30
 fi
+# --- CloudEvents SDK (the tests read the relay's CloudEvents with it) -------------------------
+if ! PYTHONPATH="$tools/python" python3 -c 'import cloudevents.kafka' 2>/dev/null; then
+  echo "services: installing the CloudEvents Python SDK (cloudevents==1.11.0) into $tools/python"
+  rm -rf "$tools/python"
+  python3 -m pip install --quiet --disable-pip-version-check --target "$tools/python" cloudevents==1.11.0
+fi
 echo "services: PostgreSQL :5432, RabbitMQ :5672, Kafka (tansu) :9092 are up"

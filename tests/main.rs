@@ -4,6 +4,7 @@
 //! Every test owns its outbox table and topics, so tests run in parallel.
 
 mod cli;
+mod cloudevents;
 mod faults;
 mod layouts;
 mod operability;

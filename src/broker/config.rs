@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::Allowed;
+use super::cloudevents::{CloudEvents, CloudEventsConfig};
 use super::kafka::config::{KafkaConfig, KafkaSettings};
 use super::rabbitmq::config::{RabbitMqConfig, RabbitMqSettings};
 use crate::constraint::{ConfigError, invalid};
@@ -27,6 +28,8 @@ pub struct BrokerConfig {
     /// permanently (and is dead-lettered), so an application bug cannot route events anywhere.
     #[serde(default)]
     pub allowed_destinations: Vec<String>,
+    /// `[broker.cloudevents]`: messages in CloudEvents binary mode (see [`CloudEventsConfig`]).
+    pub cloudevents: Option<CloudEventsConfig>,
 }
 
 /// The brokers the relay can publish to.
@@ -49,12 +52,26 @@ pub(crate) enum BrokerSettings {
     Kafka {
         settings: KafkaSettings,
         allowed: Allowed,
+        cloudevents: Option<CloudEvents>,
     },
     RabbitMq {
         settings: Box<RabbitMqSettings>,
         allowed: Allowed,
+        cloudevents: Option<CloudEvents>,
     },
     Discard,
+}
+
+impl BrokerSettings {
+    /// `[broker.cloudevents]`, when messages are CloudEvents.
+    pub(crate) fn cloudevents(&self) -> Option<&CloudEvents> {
+        match self {
+            Self::Kafka { cloudevents, .. } | Self::RabbitMq { cloudevents, .. } => {
+                cloudevents.as_ref()
+            }
+            Self::Discard => None,
+        }
+    }
 }
 
 impl BrokerConfig {
@@ -71,6 +88,11 @@ impl BrokerConfig {
             }
         }
         let allowed = Allowed::new(&self.allowed_destinations);
+        let cloudevents = self
+            .cloudevents
+            .as_ref()
+            .map(CloudEventsConfig::validate)
+            .transpose()?;
         Ok(match self.kind {
             BrokerKind::Kafka => {
                 let kafka = self.kafka.as_ref().ok_or_else(|| {
@@ -79,6 +101,7 @@ impl BrokerConfig {
                 BrokerSettings::Kafka {
                     settings: kafka.validate(lease)?,
                     allowed,
+                    cloudevents,
                 }
             }
             BrokerKind::Rabbitmq => {
@@ -91,6 +114,7 @@ impl BrokerConfig {
                 BrokerSettings::RabbitMq {
                     settings: Box::new(rabbit.validate(lease)?),
                     allowed,
+                    cloudevents,
                 }
             }
             BrokerKind::Discard => BrokerSettings::Discard,

@@ -5,11 +5,13 @@
 //! the seam the outbox relay is written against. Each broker's module owns its configuration
 //! section and its error classification.
 
+pub(crate) mod cloudevents;
 pub(crate) mod config;
 pub(crate) mod kafka;
 pub(crate) mod rabbitmq;
 pub(crate) mod template;
 
+use cloudevents::{Binding, CloudEvents};
 use config::BrokerSettings;
 use template::Template;
 
@@ -251,22 +253,30 @@ pub(crate) enum Broker {
 }
 
 impl Broker {
-    /// The producer `settings` describe, sending messages shaped by `layout`; `connection_name` identifies the relay to the broker
-    /// where it shows one (RabbitMQ's management UI). Nothing connects yet.
+    /// The producer `settings` describe, sending messages in `layout`'s shape;
+    /// `connection_name` identifies the relay to the broker where it shows one (RabbitMQ's
+    /// management UI). Nothing connects yet.
     pub(crate) fn new(
         settings: &BrokerSettings,
         layout: Layout,
         connection_name: String,
     ) -> Result<Self, rdkafka::error::KafkaError> {
+        let shape = Shape {
+            layout,
+            cloudevents: settings.cloudevents().cloned(),
+        };
         Ok(match settings {
-            BrokerSettings::Kafka { settings, allowed } => Self::Kafka(kafka::KafkaProducer::new(
+            BrokerSettings::Kafka {
+                settings, allowed, ..
+            } => Self::Kafka(kafka::KafkaProducer::new(settings, allowed.clone(), shape)?),
+            BrokerSettings::RabbitMq {
+                settings, allowed, ..
+            } => Self::RabbitMq(Box::new(rabbitmq::RabbitMqProducer::new(
                 settings,
+                connection_name,
                 allowed.clone(),
-                layout,
-            )?),
-            BrokerSettings::RabbitMq { settings, allowed } => Self::RabbitMq(Box::new(
-                rabbitmq::RabbitMqProducer::new(settings, connection_name, allowed.clone(), layout),
-            )),
+                shape,
+            ))),
             BrokerSettings::Discard => Self::Discard,
         })
     }
@@ -332,37 +342,61 @@ impl fmt::Display for Broker {
     }
 }
 
-/// The layout's standard headers every message carries ([`Layout::standard_headers`]), then
-/// the headers from columns of their own, then the row's `headers` (an object; string values
-/// are used as they are, other JSON values as their JSON text). Headers that reuse a standard
-/// name are skipped: the standard ones are what consumers deduplicate and route on.
-pub(crate) fn headers(
-    row: &OutboxRow,
-    layout: Layout,
-) -> Result<Vec<(String, String)>, PublishError> {
-    let extra: BTreeMap<String, serde_json::Value> =
-        serde_json::from_str(&row.headers).map_err(|_| PublishError::InvalidHeaders)?;
-    let standard = layout.standard_names();
-    let mut out = Vec::with_capacity(standard.len() + row.column_headers.len() + extra.len());
-    for (name, value) in layout.standard_headers(row) {
-        out.push((name.to_owned(), value));
-    }
-    for (name, value) in &row.column_headers {
-        if !standard.contains(&name.as_ref()) {
-            out.push((name.to_string(), value.clone()));
-        }
-    }
-    for (name, value) in extra {
-        if standard.contains(&name.as_str()) {
-            continue;
-        }
-        let value = match value {
-            serde_json::Value::String(s) => s,
-            other => other.to_string(),
+/// What a message carries besides its value: the layout's standard headers
+/// ([`Layout::standard_headers`]), the CloudEvents attributes when configured, the headers
+/// from columns of their own, then the row's `headers` column.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Shape {
+    /// `database.layout`.
+    pub(crate) layout: Layout,
+    /// `[broker.cloudevents]`.
+    pub(crate) cloudevents: Option<CloudEvents>,
+}
+
+impl Shape {
+    /// The headers of `row`'s message on `binding`. The row's `headers` column is an object;
+    /// string values are used as they are, other JSON values as their JSON text. Column and row
+    /// headers that reuse a standard or CloudEvents name are skipped: those are what consumers
+    /// deduplicate and route on.
+    pub(crate) fn headers(
+        &self,
+        row: &OutboxRow,
+        binding: Binding,
+    ) -> Result<Vec<(String, String)>, PublishError> {
+        let extra: BTreeMap<String, serde_json::Value> =
+            serde_json::from_str(&row.headers).map_err(|_| PublishError::InvalidHeaders)?;
+        let standard = self.layout.standard_names();
+        let owned = |name: &str| {
+            standard.contains(&name)
+                || self
+                    .cloudevents
+                    .as_ref()
+                    .is_some_and(|ce| ce.owns(name, binding))
         };
-        out.push((name, value));
+        let mut out = Vec::with_capacity(standard.len() + row.column_headers.len() + extra.len());
+        for (name, value) in self.layout.standard_headers(row) {
+            out.push((name.to_owned(), value));
+        }
+        if let Some(cloudevents) = &self.cloudevents {
+            out.extend(cloudevents.headers(row, binding));
+        }
+        for (name, value) in &row.column_headers {
+            if !owned(name) {
+                out.push((name.to_string(), value.clone()));
+            }
+        }
+        for (name, value) in extra {
+            if owned(&name) {
+                continue;
+            }
+            let value = match value {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            out.push((name, value));
+        }
+        Ok(out)
     }
-    Ok(out)
 }
 
 /// `broker.allowed_destinations`: exact names or `prefix*` patterns; empty allows every name.
@@ -462,11 +496,12 @@ mod tests {
 
     #[test]
     fn standard_headers_come_first_and_cannot_be_overridden() {
-        let h = headers(
-            &row(r#"{"trace": "abc", "n": 3, "event_id": "forged"}"#),
-            Layout::Relay,
-        )
-        .unwrap();
+        let h = Shape::default()
+            .headers(
+                &row(r#"{"trace": "abc", "n": 3, "event_id": "forged"}"#),
+                Binding::Kafka,
+            )
+            .unwrap();
         let names: Vec<&str> = h.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
@@ -487,7 +522,11 @@ mod tests {
     fn the_debezium_layout_sends_one_standard_header_then_column_headers() {
         let mut row = row(r#"{"id": "forged", "trace": "abc"}"#);
         row.column_headers = vec![("eventType".into(), "placed".to_owned())];
-        let h = headers(&row, Layout::Debezium).unwrap();
+        let shape = Shape {
+            layout: Layout::Debezium,
+            cloudevents: None,
+        };
+        let h = shape.headers(&row, Binding::Kafka).unwrap();
         assert_eq!(
             h,
             [
@@ -511,7 +550,9 @@ mod tests {
 
     #[test]
     fn non_object_headers_are_a_permanent_error() {
-        let err = headers(&row("[1,2]"), Layout::Relay).unwrap_err();
+        let err = Shape::default()
+            .headers(&row("[1,2]"), Binding::Amqp)
+            .unwrap_err();
         assert_eq!(err.class(), ErrorClass::Permanent);
     }
 }

@@ -728,3 +728,55 @@ fn samples<'a>(
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
+
+/// Reads Kafka messages back with the CloudEvents Python SDK's Kafka binding
+/// (`cloudevents.kafka.from_binary`, installed by `scripts/services.sh` into `.tools/python`):
+/// one object per message with the event's attributes and `data`.
+pub fn cloudevents_from_kafka(messages: &[Received]) -> Vec<serde_json::Value> {
+    use std::io::Write;
+    const SCRIPT: &str = r#"
+import json, sys
+from cloudevents.kafka import from_binary, KafkaMessage
+out = []
+for m in json.load(sys.stdin):
+    headers = {k: v.encode() for k, v in m["headers"].items()}
+    event = from_binary(KafkaMessage(headers=headers, key=m["key"].encode(), value=m["value"].encode()))
+    attributes = {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in event.get_attributes().items()}
+    attributes["data"] = event.get_data()
+    out.append(attributes)
+json.dump(out, sys.stdout)
+"#;
+    let input: Vec<serde_json::Value> = messages
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "headers": m.headers,
+                "key": m.key,
+                "value": String::from_utf8(m.value.clone().unwrap_or_default()).expect("UTF-8 value"),
+            })
+        })
+        .collect();
+    let tools = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/python");
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(SCRIPT)
+        .env("PYTHONPATH", &tools)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 (scripts/services.sh installs the CloudEvents SDK)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(serde_json::to_string(&input).expect("JSON").as_bytes())
+        .expect("write to python");
+    let out = child.wait_with_output().expect("python ran");
+    assert!(
+        out.status.success(),
+        "the CloudEvents SDK refused the messages: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the SDK's answer")
+}

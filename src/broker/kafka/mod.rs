@@ -13,11 +13,10 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
+use super::cloudevents::Binding;
 use super::template::Template;
-use super::{
-    Allowed, ErrorClass, HoldBack, NotAttempted, Outcome, Outcomes, PublishError, headers,
-};
-use crate::outbox::{Layout, OutboxRow};
+use super::{Allowed, ErrorClass, HoldBack, NotAttempted, Outcome, Outcomes, PublishError, Shape};
+use crate::outbox::OutboxRow;
 use config::KafkaSettings;
 
 /// Routes librdkafka's own log lines and global errors to debug level: a broker that is down
@@ -48,8 +47,8 @@ pub(crate) struct KafkaProducer {
     topic: Template,
     /// Topics rows may render to.
     allowed: Allowed,
-    /// Which standard headers messages carry.
-    layout: Layout,
+    /// What messages carry besides their value.
+    shape: Shape,
 }
 
 impl fmt::Debug for KafkaProducer {
@@ -67,7 +66,7 @@ impl KafkaProducer {
     pub(crate) fn new(
         settings: &KafkaSettings,
         allowed: Allowed,
-        layout: Layout,
+        shape: Shape,
     ) -> Result<Self, KafkaError> {
         let client = settings.client.clone();
         let topic = settings.topic.clone();
@@ -77,7 +76,7 @@ impl KafkaProducer {
             client,
             topic,
             allowed,
-            layout,
+            shape,
         })
     }
 
@@ -214,7 +213,7 @@ impl KafkaProducer {
         validate_topic(&topic)?;
         self.allowed.check(&topic)?;
         let mut kafka_headers = OwnedHeaders::new();
-        for (name, value) in headers(row, self.layout)? {
+        for (name, value) in self.shape.headers(row, Binding::Kafka)? {
             kafka_headers = kafka_headers.insert(Header {
                 key: &name,
                 value: Some(value.as_bytes()),
@@ -342,7 +341,7 @@ mod tests {
             #[test]
             fn builds_a_record_or_fails_permanently(row in row()) {
                 let topic = Template::parse("outbox.{aggregate_type}.{event_type}").unwrap().render(&row);
-                let built = validate_topic(&topic).and_then(|()| headers(&row, Layout::Relay));
+                let built = validate_topic(&topic).and_then(|()| Shape::default().headers(&row, Binding::Kafka));
                 match built {
                     Ok(pairs) => {
                         let mut kafka_headers = OwnedHeaders::new();
@@ -412,7 +411,7 @@ mod tests {
             let settings = config
                 .validate(Duration::from_secs(120))
                 .unwrap_or_else(|err| panic!("{mechanism}: {err}"));
-            KafkaProducer::new(&settings, Allowed::new(&[]), Layout::Relay)
+            KafkaProducer::new(&settings, Allowed::new(&[]), Shape::default())
                 .unwrap_or_else(|err| panic!("{mechanism}: {err}"));
         }
     }

@@ -31,11 +31,10 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Mutex;
 use tokio::time::{Instant, timeout_at};
 
+use super::cloudevents::Binding;
 use super::template::Template;
-use super::{
-    Allowed, ErrorClass, HoldBack, NotAttempted, Outcome, Outcomes, PublishError, headers,
-};
-use crate::outbox::{Layout, OutboxRow};
+use super::{Allowed, ErrorClass, HoldBack, NotAttempted, Outcome, Outcomes, PublishError, Shape};
+use crate::outbox::OutboxRow;
 use config::RabbitMqSettings;
 
 /// Publishes rows as AMQP messages to a (templated) exchange with a (templated) routing key.
@@ -50,8 +49,8 @@ pub(crate) struct RabbitMqProducer {
     declare_exchange: bool,
     /// Exchanges rows may render to.
     allowed: Allowed,
-    /// Which standard headers messages carry.
-    layout: Layout,
+    /// What messages carry besides their value.
+    shape: Shape,
     confirm_timeout: Duration,
     /// Client-provided connection name, shown by `rabbitmqctl list_connections` and the
     /// management UI, so operators can tell which relay a connection belongs to.
@@ -108,11 +107,11 @@ impl RabbitMqProducer {
         settings: &RabbitMqSettings,
         connection_name: String,
         allowed: Allowed,
-        layout: Layout,
+        shape: Shape,
     ) -> Self {
         Self {
             allowed,
-            layout,
+            shape,
             connection_name,
             tls: settings.tls.clone(),
             url: settings.url.clone(),
@@ -289,9 +288,9 @@ fn validate_routing_key(key: &str) -> Result<(), PublishError> {
 fn properties(
     row: &OutboxRow,
     frame_max: usize,
-    layout: Layout,
+    shape: &Shape,
 ) -> Result<BasicProperties, PublishError> {
-    let headers = headers(row, layout)?;
+    let headers = shape.headers(row, Binding::Amqp)?;
     let message_id = short_string("event_id", row.event_id.clone())?;
     let kind = short_string("event_type", row.event_type.clone())?;
     let content_type = row.payload.content_type();
@@ -571,7 +570,7 @@ impl RabbitMqProducer {
                             limit: max_size,
                         })
                     } else {
-                        properties(row, frame_max, self.layout)
+                        properties(row, frame_max, &self.shape)
                     }
                 });
             let properties = match prepared {
@@ -814,7 +813,7 @@ mod tests {
                     Err(err) => prop_assert_eq!(err.class(), ErrorClass::Permanent),
                 }
                 // The properties: encoded as lapin sends them, and read back unchanged.
-                match properties(&row, usize::MAX, Layout::Relay) {
+                match properties(&row, usize::MAX, &Shape::default()) {
                     Ok(properties) => {
                         let frame = AMQPFrame::Header(1, AMQPContentHeader {
                             class_id: 60,
@@ -831,7 +830,7 @@ mod tests {
                         // The size `properties` checks against frame_max is the encoded one.
                         let message_id = properties.message_id().as_ref().map_or("", |s| s.as_str());
                         let kind = properties.kind().as_ref().map_or("", |s| s.as_str());
-                        let listed = headers(&row, Layout::Relay).expect("properties read them");
+                        let listed = Shape::default().headers(&row, Binding::Amqp).expect("properties read them");
                         let content_type = properties.content_type().as_ref().map(|s| s.as_str());
                         prop_assert_eq!(header_frame_size(content_type, properties.timestamp().is_some(), message_id, kind, &listed), bytes.len());
                         prop_assert_eq!(header.properties.kind(), properties.kind());
