@@ -1,4 +1,5 @@
-//! The command line: `outbox-relay [-c PATH] run | migrate | check | status [--json] | requeue`.
+//! The command line: `outbox-relay [-c PATH] run | migrate | check | status [--json] | requeue |
+//! partitions`.
 //!
 //! Exit codes: 0 success; 2 bad usage or invalid configuration (reported before any connection
 //! is made); 1 runtime failure.
@@ -15,9 +16,13 @@ use clap::{Parser, Subcommand};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::broker::config::BrokerSettings;
+use crate::broker::kafka::partitions::{self, Ledger};
 use crate::broker::{Broker, Producer};
 use crate::config::{Config, Settings};
-use crate::database::postgres::{self as store, Connections, Postgres, listener, schema};
+use crate::database::postgres::{
+    self as store, Connections, Postgres, TopicPartitions, listener, schema,
+};
 use crate::health::Health;
 use crate::outbox::relay::{Relay, Stopped};
 use crate::outbox::retention;
@@ -68,6 +73,13 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Kafka: list the recorded partition count of each topic written to beside the cluster's,
+    /// or accept a topic's new count (publishing to it resumes).
+    Partitions {
+        /// Record the cluster's current partition count for this topic.
+        #[arg(long, value_name = "TOPIC")]
+        accept: Vec<String>,
+    },
 }
 
 const EXIT_RUNTIME: u8 = 1;
@@ -113,6 +125,7 @@ pub fn execute(cli: Cli) -> ExitCode {
         Command::Migrate => runtime.block_on(migrate(&config)),
         Command::Check => runtime.block_on(check(&config)),
         Command::Status { json } => runtime.block_on(status(&config, json)),
+        Command::Partitions { accept } => runtime.block_on(partitions(&config, &accept)),
         Command::Requeue {
             event_ids,
             aggregate,
@@ -217,8 +230,9 @@ async fn run_outbox(
 ) -> Stopped {
     let database = &settings.database;
     let table = &database.table;
+    let connections = Connections::new(database);
     let store = Postgres::new(
-        Connections::new(database),
+        connections.clone(),
         database.statement_timeout,
         table,
         &database.columns,
@@ -255,6 +269,23 @@ async fn run_outbox(
         settings.retention.clone(),
         tasks_stop.clone(),
     ));
+    let partition_check = match (&broker, &settings.broker) {
+        (
+            Broker::Kafka(kafka),
+            BrokerSettings::Kafka {
+                settings: kafka_settings,
+                ..
+            },
+        ) => Some(tokio::spawn(partitions::watch(
+            kafka.partitions(),
+            TopicPartitions::new(connections, table),
+            kafka.client_config().clone(),
+            kafka_settings.partition_check_interval,
+            kafka_settings.on_partition_change,
+            tasks_stop.clone(),
+        ))),
+        _ => None,
+    };
 
     let relay = Relay::new(
         store,
@@ -273,6 +304,11 @@ async fn run_outbox(
     if let Some(listener) = listener {
         if let Err(err) = listener.await {
             tracing::error!(error = %err, "listener task failed");
+        }
+    }
+    if let Some(check) = partition_check {
+        if let Err(err) = check.await {
+            tracing::error!(error = %err, "partition check task failed");
         }
     }
     stopped
@@ -421,6 +457,74 @@ async fn status(config: &Settings, json: bool) -> u8 {
             EXIT_RUNTIME
         }
     }
+}
+
+/// `outbox-relay partitions [--accept TOPIC...]`.
+async fn partitions(config: &Settings, accept: &[String]) -> u8 {
+    let BrokerSettings::Kafka { settings, .. } = &config.broker else {
+        eprintln!("error: partitions applies to broker.kind = \"kafka\"");
+        return EXIT_CONFIG;
+    };
+    let ledger = TopicPartitions::new(Connections::new(&config.database), &config.database.table);
+    let recorded = match ledger.recorded().await {
+        Ok(recorded) => recorded,
+        Err(err) => {
+            eprintln!(
+                "error: cannot read the recorded partition counts: {}{}",
+                ErrorChain(&err),
+                err.hint().map(|h| format!(" ({h})")).unwrap_or_default()
+            );
+            return EXIT_RUNTIME;
+        }
+    };
+    let wanted: std::collections::BTreeMap<String, i32> = if accept.is_empty() {
+        recorded.clone()
+    } else {
+        accept
+            .iter()
+            .map(|t| (t.clone(), recorded.get(t).copied().unwrap_or(0)))
+            .collect()
+    };
+    let found = match partitions::report(&wanted, &settings.client).await {
+        Ok(found) => found,
+        Err(err) => {
+            eprintln!("error: cannot create a Kafka client: {}", ErrorChain(&err));
+            return EXIT_RUNTIME;
+        }
+    };
+    let mut code = 0;
+    for (topic, count, current) in found {
+        match (accept.is_empty(), current) {
+            (_, None) => {
+                eprintln!("error: topic {topic}: the cluster does not report its partitions");
+                code = EXIT_RUNTIME;
+            }
+            (true, Some(current)) if current == count => {
+                println!("topic {topic}: {count} partitions, as recorded");
+            }
+            (true, Some(current)) => println!(
+                "topic {topic}: {count} partitions recorded, {current} in the cluster: publishing to it is paused (accept with --accept {topic})"
+            ),
+            (false, Some(current)) => match ledger.record(&topic, current, true).await {
+                Ok(()) => println!(
+                    "topic {topic}: {current} partitions accepted (recorded before: {}); relays resume publishing to it at their next check",
+                    if count == 0 {
+                        "none".to_owned()
+                    } else {
+                        count.to_string()
+                    }
+                ),
+                Err(err) => {
+                    eprintln!(
+                        "error: topic {topic}: cannot record the count: {}",
+                        ErrorChain(&err)
+                    );
+                    code = EXIT_RUNTIME;
+                }
+            },
+        }
+    }
+    code
 }
 
 async fn requeue(config: &Settings, which: &store::Requeue) -> u8 {

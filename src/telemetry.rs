@@ -153,6 +153,10 @@ pub mod metric {
     pub const BATCHES_IN_FLIGHT: &str = "outbox_relay_batches_in_flight";
     /// Counter, label `rows` (`published`, `dead`): rows deleted by retention.
     pub const RETENTION_DELETED: &str = "outbox_relay_retention_deleted_total";
+    /// Counter, label `topic`: partition-count changes detected on a topic the relay writes to.
+    pub const PARTITION_CHANGES: &str = "outbox_relay_topic_partition_changes_total";
+    /// Gauge: topics paused until their new partition count is accepted.
+    pub const TOPICS_PAUSED: &str = "outbox_relay_topics_paused";
     /// Gauge: 1 while `/readyz` would answer ready.
     pub const READY: &str = "outbox_relay_ready";
 }

@@ -104,6 +104,16 @@ pub(crate) enum PublishError {
     /// The message is larger than the broker accepts.
     #[error("message of {size} bytes exceeds the broker's max_message_size of {limit} bytes")]
     TooLarge { size: usize, limit: usize },
+    /// The topic's partition count is not the one recorded: publishing to it is paused until
+    /// an operator accepts the new count (`broker::kafka::partitions`).
+    #[error(
+        "topic {topic}'s partition count changed from {recorded} to {current}: paused until `outbox-relay partitions --accept {topic}`"
+    )]
+    PartitionsChanged {
+        topic: String,
+        recorded: i32,
+        current: i32,
+    },
     /// The exchange does not exist (and is not declared by the relay).
     #[error("exchange {exchange:?} does not exist")]
     ExchangeNotFound { exchange: String },
@@ -121,8 +131,9 @@ impl PublishError {
             | Self::TooLarge { .. }
             | Self::ExchangeNotFound { .. } => ErrorClass::Permanent,
             // A nack is the broker's answer for this message's queue (reject-publish
-            // overflow), not an outage.
-            Self::Nacked => ErrorClass::Destination,
+            // overflow), not an outage; a topic paused for its partition count waits for an
+            // operator, and the other topics flow.
+            Self::Nacked | Self::PartitionsChanged { .. } => ErrorClass::Destination,
             Self::ProducerClosed | Self::ConfirmTimeout => ErrorClass::Transient,
             Self::Kafka { class, .. } | Self::Amqp { class, .. } => *class,
         }

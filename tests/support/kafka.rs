@@ -29,6 +29,38 @@ pub async fn create_topic(topic: &str, partitions: i32) {
     }
 }
 
+/// Deletes `topic` and creates it again with `partitions` partitions: what the relay's metadata
+/// sees is a topic whose partition count changed (tansu has no CreatePartitions).
+pub async fn recreate_topic(topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .create()
+        .expect("admin client");
+    let results = admin
+        .delete_topics(
+            &[topic],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("delete topic");
+    for result in results {
+        result.unwrap_or_else(|(t, e)| panic!("delete topic {t}: {e}"));
+    }
+    create_topic(topic, partitions).await;
+}
+
+/// The partition count the cluster's metadata gives for `topic`.
+pub fn partition_count(topic: &str) -> usize {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .create()
+        .expect("consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    metadata.topics()[0].partitions().len()
+}
+
 /// Reads every partition of a topic from the beginning.
 pub struct TopicReader {
     consumer: BaseConsumer,
@@ -45,6 +77,11 @@ impl TopicReader {
         tokio::task::spawn_blocking(move || Self::new(&topic))
             .await
             .expect("reader")
+    }
+
+    /// Reads `topic`, which must exist, from the beginning (blocks for the metadata).
+    pub fn existing(topic: &str) -> Self {
+        Self::new(topic)
     }
 
     fn new(topic: &str) -> Self {

@@ -8,7 +8,9 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 use serde::Deserialize;
 
+use super::partitions::OnPartitionChange;
 use crate::broker::template::Template;
+use crate::constraint::at_least;
 use crate::constraint::{ConfigError, host_of, invalid, is_loopback};
 
 /// `[broker.kafka]`
@@ -37,6 +39,20 @@ pub struct KafkaConfig {
     /// `sasl_ssl`.
     #[serde(default)]
     pub allow_insecure_transport: bool,
+    /// What a topic's changed partition count does: `"pause"` publishing to it until
+    /// `outbox-relay partitions --accept TOPIC`, or `"continue"` (logged and counted either
+    /// way). Default "pause".
+    #[serde(default)]
+    pub on_partition_change: OnPartitionChange,
+    /// How often the partition counts of the topics written to are compared with the recorded
+    /// ones. Default 30s.
+    #[cfg_attr(test, schemars(with = "String"))]
+    #[serde(default = "default_partition_check_interval", with = "humantime_serde")]
+    pub partition_check_interval: Duration,
+}
+
+fn default_partition_check_interval() -> Duration {
+    Duration::from_secs(30)
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -48,6 +64,8 @@ impl fmt::Debug for KafkaConfig {
             .field("properties", &self.properties.keys().collect::<Vec<_>>())
             .field("allow_unsafe", &self.allow_unsafe)
             .field("allow_insecure_transport", &self.allow_insecure_transport)
+            .field("on_partition_change", &self.on_partition_change)
+            .field("partition_check_interval", &self.partition_check_interval)
             .finish()
     }
 }
@@ -59,6 +77,8 @@ pub(crate) struct KafkaSettings {
     pub(crate) client: ClientConfig,
     /// `broker.kafka.topic`.
     pub(crate) topic: Template,
+    pub(crate) on_partition_change: OnPartitionChange,
+    pub(crate) partition_check_interval: Duration,
 }
 
 impl fmt::Debug for KafkaSettings {
@@ -273,7 +293,17 @@ impl KafkaConfig {
                 ),
             ));
         }
-        Ok(KafkaSettings { client, topic })
+        at_least(
+            "broker.kafka.partition_check_interval",
+            self.partition_check_interval,
+            Duration::from_secs(1),
+        )?;
+        Ok(KafkaSettings {
+            client,
+            topic,
+            on_partition_change: self.on_partition_change,
+            partition_check_interval: self.partition_check_interval,
+        })
     }
 
     /// librdkafka's delivery timeout as the relay will configure it.
@@ -347,6 +377,8 @@ mod tests {
                 .collect(),
             allow_unsafe: false,
             allow_insecure_transport: false,
+            on_partition_change: OnPartitionChange::Pause,
+            partition_check_interval: default_partition_check_interval(),
         }
     }
 

@@ -2,8 +2,10 @@
 //! property policy are in [`config`].
 
 pub(crate) mod config;
+pub(crate) mod partitions;
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -18,6 +20,7 @@ use super::template::Template;
 use super::{Allowed, ErrorClass, HoldBack, NotAttempted, Outcome, Outcomes, PublishError, Shape};
 use crate::outbox::OutboxRow;
 use config::KafkaSettings;
+use partitions::Partitions;
 
 /// Routes librdkafka's own log lines and global errors to debug level: a broker that is down
 /// would otherwise log several error lines per second, while the relay reports the outage once
@@ -49,6 +52,8 @@ pub(crate) struct KafkaProducer {
     allowed: Allowed,
     /// What messages carry besides their value.
     shape: Shape,
+    /// The topics' partition-count state: a paused topic's rows are refused.
+    partitions: Arc<Partitions>,
 }
 
 impl fmt::Debug for KafkaProducer {
@@ -72,6 +77,7 @@ impl KafkaProducer {
         let topic = settings.topic.clone();
         let producer = client.create_with_context(QuietContext)?;
         Ok(Self {
+            partitions: Arc::new(Partitions::new(true)),
             producer: std::sync::RwLock::new(producer),
             client,
             topic,
@@ -110,6 +116,17 @@ impl KafkaProducer {
                 tracing::error!(error = %err, reason = %reason, "kafka producer hit a fatal error and could not be recreated; retrying later");
             }
         }
+    }
+
+    /// The topics' partition-count state, for the check that keeps it
+    /// ([`partitions::watch`]); until that check has run once, nothing is sent.
+    pub(crate) fn partitions(&self) -> Arc<Partitions> {
+        Arc::clone(&self.partitions)
+    }
+
+    /// The client configuration, for the partition check's own client.
+    pub(crate) fn client_config(&self) -> &ClientConfig {
+        &self.client
     }
 
     /// The topic `row` goes to.
@@ -153,6 +170,7 @@ impl KafkaProducer {
     /// [`super::Producer::publish_to`]: to the topics `topic` renders (the configured
     /// template, or the dead-letter destination).
     pub(crate) async fn publish_to(&self, rows: &[OutboxRow], topic: &Template) -> Outcomes {
+        self.partitions.first_check().await;
         let producer = self.producer();
         let mut outcomes: Vec<Option<Outcome>> = rows.iter().map(|_| None).collect();
         let mut in_flight: Vec<(usize, DeliveryFuture)> = Vec::with_capacity(rows.len());
@@ -212,6 +230,7 @@ impl KafkaProducer {
         let topic = topic.render(row);
         validate_topic(&topic)?;
         self.allowed.check(&topic)?;
+        self.partitions.admit(&topic)?;
         let mut kafka_headers = OwnedHeaders::new();
         for (name, value) in self.shape.headers(row, Binding::Kafka)? {
             kafka_headers = kafka_headers.insert(Header {
@@ -407,6 +426,8 @@ mod tests {
                 .collect(),
                 allow_unsafe: false,
                 allow_insecure_transport: false,
+                on_partition_change: partitions::OnPartitionChange::Pause,
+                partition_check_interval: Duration::from_secs(30),
             };
             let settings = config
                 .validate(Duration::from_secs(120))

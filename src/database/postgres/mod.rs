@@ -805,6 +805,61 @@ impl Store for Postgres {
     }
 }
 
+/// The recorded partition counts of the Kafka topics the relay writes to (migration 0008), in
+/// the outbox table's database.
+#[derive(Debug, Clone)]
+pub(crate) struct TopicPartitions {
+    connections: Connections,
+    recorded: SqlStr,
+    record: SqlStr,
+}
+
+impl TopicPartitions {
+    pub(crate) fn new(connections: Connections, table: &Table) -> Self {
+        let ledger = table.companion("topic_partitions");
+        Self {
+            connections,
+            recorded: sql(format!("select topic, partitions from {ledger}")),
+            record: sql(format!(
+                "insert into {ledger} (topic, partitions) values ($1, $2)
+                 on conflict (topic) do update
+                     set partitions = excluded.partitions, recorded_at = now()
+                     where $3"
+            )),
+        }
+    }
+}
+
+impl crate::broker::kafka::partitions::Ledger for TopicPartitions {
+    type Error = DatabaseError;
+
+    async fn recorded(&self) -> Result<std::collections::BTreeMap<String, i32>, DatabaseError> {
+        let (_, pool) = self.connections.get();
+        let rows: Vec<(String, i32)> = sqlx::query_as(self.recorded.clone())
+            .fetch_all(&pool)
+            .await
+            .map_err(DatabaseError::new("partitions"))?;
+        Ok(rows.into_iter().collect())
+    }
+
+    async fn record(
+        &self,
+        topic: &str,
+        partitions: i32,
+        replace: bool,
+    ) -> Result<(), DatabaseError> {
+        let (_, pool) = self.connections.get();
+        sqlx::query(self.record.clone())
+            .bind(topic)
+            .bind(partitions)
+            .bind(replace)
+            .execute(&pool)
+            .await
+            .map_err(DatabaseError::new("partitions"))?;
+        Ok(())
+    }
+}
+
 /// What `outbox-relay status` reports.
 #[derive(Debug, serde::Serialize)]
 pub(crate) struct Status {

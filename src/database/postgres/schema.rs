@@ -43,7 +43,15 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "row_state",
         include_str!("../../../migrations/0007_row_state.sql"),
     ),
+    (
+        8,
+        "topic_partitions",
+        include_str!("../../../migrations/0008_topic_partitions.sql"),
+    ),
 ];
+
+/// The last version [`ADOPT`] covers: a mapped table gets later versions as they are.
+const ADOPTED_THROUGH: i32 = 7;
 
 /// Migration 0005. The lease table holds only the relay's own state, so `migrate` also creates
 /// it on every run when it is missing (dropped, or a table adopted at version 5 without it).
@@ -82,6 +90,7 @@ fn render_with(sql: &str, table: &Table, columns: &Columns) -> String {
         .replace("{{dead_index}}", &bare("dead_idx"))
         .replace("{{published_index}}", &bare("published_idx"))
         .replace("{{lease_table}}", &table.companion("leases"))
+        .replace("{{topic_partitions}}", &table.companion("topic_partitions"))
         .replace("{{notify_trigger}}", &bare("relay_notify"))
         .replace("{{notify_function}}", &table.companion("relay_notify"))
         .replace("{{uuidv7_function}}", &table.companion("uuidv7"))
@@ -163,11 +172,11 @@ pub(crate) async fn migrate(
         if applied.contains(version) {
             continue;
         }
-        // An adopted table gets the state of every version from `adopt`.
-        let name = if adopting {
+        // An adopted table gets the state of the versions `adopt` covers from it.
+        let name = if adopting && *version <= ADOPTED_THROUGH {
             "adopted (database.columns)"
         } else {
-            sqlx::raw_sql(AssertSqlSafe(render(sql, table)))
+            sqlx::raw_sql(AssertSqlSafe(render_with(sql, table, columns)))
                 .execute(&mut *tx)
                 .await?;
             *name

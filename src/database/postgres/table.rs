@@ -98,6 +98,8 @@ mod tests {
             "leases",
             "relay_notify",
             "uuidv7",
+            "topic_partitions",
+            "ordering_idx",
         ] {
             let name = table.companion(suffix);
             assert!(name.trim_matches('"').len() <= 63, "{name}");
