@@ -10,9 +10,9 @@
 //! between source files point one way (a unit test checks it): `outbox`'s row types at the
 //! bottom, the `database` and `broker` layers on them, the outbox loop on their seams, and
 //! `cli` on top, where the concrete store and broker are chosen and handed to the loop.
-//! - [`cli`]: the `outbox-relay` command line (`run`, `migrate`, `check`, `status`, `requeue`)
-//!   and exit codes; the composition root (builds the store, the broker, the LISTEN and
-//!   retention tasks, and runs the relay over them).
+//! - [`cli`]: the `outbox-relay` command line (`run`, `migrate`, `check`, `status`, `requeue`,
+//!   `partitions`) and exit codes; the composition root (builds the store, the broker, the
+//!   LISTEN, retention and partition-check tasks, and runs the relay over them).
 //! - [`config`]: the file as written, its loading and secret files, and the typed
 //!   `Settings` it is parsed into once.
 //! - `constraint`: the validation vocabulary every section uses (the error naming a key and
@@ -21,14 +21,19 @@
 //! - `database`: one module per database family. `database::postgres`: the outbox
 //!   statements (claim with the commit-order guard, mark, retry, release, retention), the
 //!   connection pool, `[database]`, the table name, `migrate` and the schema check, and the
-//!   LISTEN wake-up task. `database::DatabaseError` is what every family's operations report.
+//!   LISTEN wake-up task, the recorded Kafka partition counts. `database::columns` maps a
+//!   table's own column names (`database.layout`, `[database.columns]`) for every family.
+//!   `database::DatabaseError` is what every family's operations report.
 //! - `broker`: the brokers. `broker::Producer` is the delivery contract when producing, with
 //!   one `Outcome` per row and the hold-back of an aggregate's later rows written once;
 //!   `broker::Broker` is the closed set dispatched at the edge. `broker::kafka` and
 //!   `broker::rabbitmq` each hold the producer, the error classification and their
-//!   configuration section (Kafka's property policy included); `broker::template` renders
-//!   destinations. Consuming (the inbox) goes beside producing.
-//! - `outbox`: the outbox direction. `outbox::store::Store` is what it needs from a database;
+//!   configuration section (Kafka's property policy included), and `broker::kafka::partitions`
+//!   the check of the topics' partition counts; `broker::Shape` is what a message carries
+//!   besides its value (the layout's headers, `broker::cloudevents` attributes, the row's);
+//!   `broker::template` renders destinations. Consuming (the inbox) goes beside producing.
+//! - `outbox`: the outbox direction; its row types (`OutboxRow`, `Payload`, `Layout`).
+//!   `outbox::store::Store` is what it needs from a database;
 //!   `outbox::relay` the loop (claim → publish → settle, pipelined, its state in one struct);
 //!   `outbox::settlement` the pure decisions about a published batch; `outbox::dead_letter`,
 //!   `outbox::retention`, and `outbox::config` (`[relay]`, `[retry]`, `[retention]`).

@@ -316,3 +316,52 @@ async fn columns_of(outbox: &Outbox) -> Vec<(String, String)> {
     .await
     .expect("catalog")
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_names_a_mapped_column_the_table_lacks_and_status_and_requeue_use_the_mapping() {
+    // GIVEN a Debezium table adopted with a header column the table does not have
+    let mut outbox = Outbox::unmigrated().await;
+    outbox.database.insert("layout", "\"debezium\"".to_owned());
+    outbox.exec(DEBEZIUM_TABLE).await;
+    outbox.migrate().success();
+    outbox
+        .sections
+        .entry("database.columns.headers")
+        .or_default()
+        .insert("tenant".into(), "\"tenant\"".into());
+    // WHEN check inspects it THEN it fails naming the missing column
+    let check = outbox.command(&["check"]);
+    assert_eq!(check.code(), Some(1), "{check:?}");
+    assert!(
+        check.stdout.contains("missing columns: tenant"),
+        "{check:?}"
+    );
+    assert!(
+        check.stdout.contains("header = tenant as tenant"),
+        "{check:?}"
+    );
+
+    // GIVEN the mapping fixed, and a dead-lettered row of aggregate o-1
+    outbox.sections.clear();
+    insert_debezium(&outbox, "Order", "o-1", 0).await;
+    insert_debezium(&outbox, "Order", "o-2", 0).await;
+    outbox
+        .exec("update {table} set dead_lettered_at = now(), attempts = 5 where aggregateid = 'o-1'")
+        .await;
+    // WHEN status counts the rows THEN it reads the mapped columns
+    let status = outbox.command(&["status", "--json"]).success();
+    let status: serde_json::Value = serde_json::from_str(&status.stdout).expect("JSON");
+    assert_eq!(status["status"]["pending"], 1, "{status}");
+    assert_eq!(status["status"]["dead"], 1, "{status}");
+    // AND requeue finds the dead row by its aggregate, and by its event id
+    let requeued = outbox.command(&["requeue", "--aggregate", "o-1"]).success();
+    assert!(requeued.stdout.contains("requeued 1"), "{requeued:?}");
+    outbox
+        .exec("update {table} set dead_lettered_at = now() where aggregateid = 'o-1'")
+        .await;
+    let id: String = outbox
+        .scalar("select id::text from {table} where aggregateid = 'o-1'")
+        .await;
+    let requeued = outbox.command(&["requeue", "--event-id", &id]).success();
+    assert!(requeued.stdout.contains("requeued 1"), "{requeued:?}");
+}
