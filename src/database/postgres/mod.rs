@@ -283,7 +283,7 @@ impl Postgres {
         // Decoded by position (`decode_row`): keep the column order. The payload and the
         // creation time come as stored and are decoded by their type (`decode_payload`).
         let fetch = format!(
-            "select o.{c_id}, o.{event_id}::text, o.{aggregate_type}::text, o.{c_agg}::text,
+            "select o.{c_id}, o.{event_id}, o.{aggregate_type}::text, o.{c_agg}::text,
                     o.{event_type}::text, o.{c_payload}, {headers}, {created_at}{header_columns}
              from {t} o
              where o.{c_id} = any($1::bigint[])
@@ -1036,7 +1036,7 @@ fn decode_row(row: &PgRow, meta: Picked, columns: &Columns) -> Result<OutboxRow,
         })
     };
     // By position, in `fetch`'s select order.
-    let event_id = required("event_id", row.try_get(1)?);
+    let event_id = required("event_id", decode_event_id(row, 1)?);
     let aggregate_type = required("aggregate_type", row.try_get(2)?);
     // The claim's coalesced value is used, so the lease and the batch agree on it.
     required("aggregate_id", row.try_get(3)?);
@@ -1069,6 +1069,22 @@ fn decode_row(row: &PgRow, meta: Picked, columns: &Columns) -> Result<OutboxRow,
         deferrals: meta.deferrals,
         abandoned: meta.abandoned,
     })
+}
+
+/// The event id as text: a `uuid` column comes in its 16 bytes and is formatted here (its
+/// lowercase hyphenated form, as PostgreSQL prints it), rather than converted by the server
+/// for every row; a text column as it is.
+fn decode_event_id(row: &PgRow, index: usize) -> Result<Option<String>, sqlx::Error> {
+    use sqlx::{TypeInfo, ValueRef};
+    let raw = row.try_get_raw(index)?;
+    if raw.is_null() {
+        return Ok(None);
+    }
+    if raw.type_info().name() == "UUID" {
+        let id: uuid::Uuid = row.try_get(index)?;
+        return Ok(Some(id.hyphenated().to_string()));
+    }
+    row.try_get(index)
 }
 
 /// The payload column as stored, whatever its type: `jsonb` as PostgreSQL's text of it (its
