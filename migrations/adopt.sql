@@ -2,7 +2,8 @@
 -- `[database.columns]`), as of migration 0007. `migrate` runs it instead of 0001-0007 for such a
 -- table and records those versions as applied. It only adds: the relay's own columns (constant
 -- defaults, so no rewrite), its indexes over the mapped ordering ({{id}}) and aggregate
--- ({{aggregate_id}}) columns, the lease table and the NOTIFY function. It never drops, renames
+-- ({{aggregate_id}}) columns. (The lease table and, from migration 0009, the NOTIFY function come
+-- after it.) It never drops, renames
 -- or rewrites the application's columns. (The ordering column, when the table has none, is
 -- added before this script runs.)
 
@@ -31,11 +32,3 @@ create index if not exists {{dead_index}}
 create index if not exists {{published_index}}
     on {{table}} (published_at)
     where published_at is not null;
-
-create or replace function {{notify_function}}() returns trigger
-language plpgsql as $$
-begin
-    perform pg_notify('outbox_relay:' || tg_table_schema || '.' || tg_table_name, '');
-    return null;
-end
-$$;

@@ -160,7 +160,7 @@ async fn migrate_twice_is_a_no_op() {
             .fetch_one(&outbox.pool)
             .await
             .unwrap();
-    assert_eq!(versions, 8, "one row per migration");
+    assert_eq!(versions, 9, "one row per migration");
     // AND check is happy with the result
     let check = outbox.command(&["check"]).success();
     assert!(

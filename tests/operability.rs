@@ -208,7 +208,8 @@ async fn the_relay_runs_with_only_the_documented_grants() {
                  on {{table}} to {role};
              grant delete on {{table}} to {role};
              grant select, insert, update, delete on {{leases}} to {role};
-             grant select, insert, update on {{table}}_topic_partitions to {role};",
+             grant select, insert, update on {{table}}_topic_partitions to {role};
+             grant select, insert, update, delete on {{table}}_awake to {role};",
             db = crate::support::TEST_DATABASE,
         ))
         .await;

@@ -674,3 +674,74 @@ async fn a_topic_whose_partition_count_changes_is_paused_until_an_operator_accep
         "one key, one partition"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_trigger_notifies_only_while_no_relay_is_awake() {
+    // GIVEN a relay that listens, polls once an hour when idle, and a listener of our own on the
+    // trigger's channel
+    let mut outbox = Outbox::new().await;
+    outbox.relay.insert("poll_interval", "\"1h\"".to_owned());
+    let mut listener = sqlx::postgres::PgListener::connect(&crate::support::database_url())
+        .await
+        .expect("listener");
+    listener
+        .listen(&format!("outbox_relay:public.{}", outbox.table))
+        .await
+        .expect("listen");
+    let relay = outbox.start();
+    relay.wait_for_log("relay started", WAIT).await;
+    let awake = "select count(*) from {table}_awake where until > clock_timestamp()";
+
+    // WHEN events keep arriving while the relay claims them (it renews its awake row)
+    outbox.insert("order", "o-1", 0..1).await;
+    outbox.wait_all_published(WAIT).await;
+    let first = tokio::time::timeout(WAIT, listener.recv()).await;
+    assert!(first.is_ok(), "the first event, to an idle relay, notified");
+    let mut silent = 0;
+    for seq in 1..40 {
+        // each insert while the relay's row is current is one that had no reason to notify
+        if outbox.scalar::<i64>(awake).await == 1 {
+            silent += 1;
+        }
+        outbox.insert("order", "o-1", seq..seq + 1).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    outbox.wait_all_published(WAIT).await;
+    // THEN (once the relay was awake) those commits sent no notification: every notification
+    // received came from a commit while no relay was awake
+    assert!(
+        silent >= 20,
+        "the relay was awake for {silent} of 39 inserts"
+    );
+    // (every notification of those commits has arrived by now: they came before the publish)
+    let mut notified = 0;
+    while let Ok(received) = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await
+    {
+        received.expect("listener");
+        notified += 1;
+    }
+    assert!(
+        notified <= 39 - silent,
+        "{notified} notifications, {silent} inserts while awake"
+    );
+
+    // WHEN the stream stops and the relay's row lapses, and then one more event is committed
+    wait_until(WAIT, "the awake row lapsed", || async {
+        outbox.scalar::<i64>(awake).await == 0
+    })
+    .await;
+    let started = std::time::Instant::now();
+    outbox.insert("order", "o-1", 40..41).await;
+    // THEN it notifies, and the relay (whose next poll is an hour away at most, seconds at
+    // least) publishes it at once
+    tokio::time::timeout(WAIT, listener.recv())
+        .await
+        .expect("a notification")
+        .expect("listener");
+    outbox.wait_all_published(WAIT).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}

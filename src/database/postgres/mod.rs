@@ -162,6 +162,12 @@ pub(crate) struct Postgres {
     delete_published: SqlStr,
     delete_dead: SqlStr,
     fence_probe: SqlStr,
+    /// This process's row in the awake table (migration 0009): while claims find rows it is
+    /// renewed, and the NOTIFY trigger stays silent.
+    instance: uuid::Uuid,
+    keep_awake: SqlStr,
+    /// When the awake row was last renewed.
+    awake_renewed: Arc<Mutex<Option<std::time::Instant>>>,
     /// Commit-order guard state; `None` when `relay.commit_order_guard` is off.
     guard: Option<Arc<Mutex<Guard>>>,
 }
@@ -190,6 +196,13 @@ fn next_row_budget(limit: u32, returned: usize, kept: usize) -> u32 {
         limit
     }
 }
+
+/// How far ahead an awake row reaches: about as long as adaptive polling stays within tens of
+/// milliseconds after the last claim that found rows.
+const AWAKE_FOR: Duration = Duration::from_millis(250);
+
+/// Renewals of the awake row at most this often (one statement per 100 ms of a busy relay).
+const AWAKE_RENEWAL: Duration = Duration::from_millis(100);
 
 /// How long an operation waits for a pool connection.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -411,6 +424,14 @@ impl Postgres {
                            hashtextextended($3 || '{t_literal}'::regclass::oid::text, 0))
                  order by {c_id} limit $2)"
         );
+        // Renews this process's awake row (and drops rows of relays gone for a minute).
+        let awake = table.companion("awake");
+        let keep_awake = format!(
+            "with gone as (delete from {awake} where until < now() - interval '1 minute')
+             insert into {awake} (instance, until)
+             values ($1, clock_timestamp() + $2 * interval '1 millisecond')
+             on conflict (instance) do update set until = excluded.until"
+        );
         let pending = format!(
             "select count(*), min({created_at})::timestamptz from {t}
              where published_at is null and dead_lettered_at is null",
@@ -463,6 +484,9 @@ impl Postgres {
             delete_published: sql(delete_published),
             delete_dead: sql(delete_dead),
             fence_probe: sql(fence_probe),
+            instance: uuid::Uuid::new_v4(),
+            keep_awake: sql(keep_awake),
+            awake_renewed: Arc::new(Mutex::new(None)),
             guard: commit_order_guard.then(|| Arc::new(Mutex::new(Guard::default()))),
         }
     }
@@ -501,6 +525,29 @@ impl Postgres {
                     limit: self.client_timeout,
                 })
             }
+        }
+    }
+
+    /// After a claim that found rows: renews this process's awake row unless that was done
+    /// less than [`AWAKE_RENEWAL`] ago, so the NOTIFY trigger stays silent while the relay polls
+    /// quickly anyway. Best effort: without the table (a schema before 0009) or the privilege,
+    /// the trigger simply notifies as before.
+    async fn stay_awake(&self, pool: &PgPool) {
+        {
+            let mut renewed = self.awake_renewed.lock().expect("awake lock poisoned");
+            if renewed.is_some_and(|at| at.elapsed() < AWAKE_RENEWAL) {
+                return;
+            }
+            *renewed = Some(std::time::Instant::now());
+        }
+        let awake_ms = i64::try_from(AWAKE_FOR.as_millis()).unwrap_or(i64::MAX);
+        if let Err(err) = sqlx::query(self.keep_awake.clone())
+            .bind(self.instance)
+            .bind(awake_ms)
+            .execute(pool)
+            .await
+        {
+            tracing::debug!(error = %err, "cannot renew the awake row (migration 0009); the NOTIFY trigger keeps notifying");
         }
     }
 
@@ -621,6 +668,7 @@ impl Store for Postgres {
                 .map_err(DatabaseError::new("claim"))?;
             tx.commit().await.map_err(DatabaseError::new("claim"))?;
             let lease = Lease { id, until };
+            self.stay_awake(&pool).await;
             // The claim lock is free again; the contents are read under the lease alone.
             let fetched = sqlx::query(self.fetch.clone())
                 .bind(&ids)

@@ -48,6 +48,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "topic_partitions",
         include_str!("../../../migrations/0008_topic_partitions.sql"),
     ),
+    (
+        9,
+        "notify_when_idle",
+        include_str!("../../../migrations/0009_notify_when_idle.sql"),
+    ),
 ];
 
 /// The last version [`ADOPT`] covers: a mapped table gets later versions as they are.
@@ -91,6 +96,7 @@ fn render_with(sql: &str, table: &Table, columns: &Columns) -> String {
         .replace("{{published_index}}", &bare("published_idx"))
         .replace("{{lease_table}}", &table.companion("leases"))
         .replace("{{topic_partitions}}", &table.companion("topic_partitions"))
+        .replace("{{awake_table}}", &table.companion("awake"))
         .replace("{{notify_trigger}}", &bare("relay_notify"))
         .replace("{{notify_function}}", &table.companion("relay_notify"))
         .replace("{{uuidv7_function}}", &table.companion("uuidv7"))
@@ -176,9 +182,15 @@ pub(crate) async fn migrate(
         let name = if adopting && *version <= ADOPTED_THROUGH {
             "adopted (database.columns)"
         } else {
-            sqlx::raw_sql(AssertSqlSafe(render_with(sql, table, columns)))
-                .execute(&mut *tx)
+            // The NOTIFY function (0009) runs with a fixed search_path: it names the awake
+            // table with its schema, the configured one or the one the table is created in.
+            let schema: String = sqlx::query_scalar("select coalesce($1, current_schema())")
+                .bind(table.schema())
+                .fetch_one(&mut *tx)
                 .await?;
+            let awake = format!("\"{schema}\".\"{}_awake\"", table.name());
+            let sql = render_with(sql, table, columns).replace("{{awake_table_qualified}}", &awake);
+            sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *tx).await?;
             *name
         };
         sqlx::query(AssertSqlSafe(format!(

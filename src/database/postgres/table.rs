@@ -100,6 +100,7 @@ mod tests {
             "uuidv7",
             "topic_partitions",
             "ordering_idx",
+            "awake",
         ] {
             let name = table.companion(suffix);
             assert!(name.trim_matches('"').len() <= 63, "{name}");
