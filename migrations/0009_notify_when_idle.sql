@@ -18,11 +18,15 @@ create table if not exists {{awake_table}} (
     until    timestamptz not null        -- awake until then (renewed while claims find rows)
 );
 
+-- Every name in it is qualified (functions and operators resolve in pg_catalog first anyway), so
+-- a caller's search_path cannot redirect it; a `set search_path` clause would cost every
+-- inserting statement a configuration save and restore.
 create or replace function {{notify_function}}() returns trigger
-language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+language plpgsql security definer as $$
 begin
-    if not exists (select 1 from {{awake_table_qualified}} where until > clock_timestamp()) then
-        perform pg_notify('outbox_relay:' || tg_table_schema || '.' || tg_table_name, '');
+    if not exists (select 1 from {{awake_table_qualified}}
+                   where until > pg_catalog.clock_timestamp()) then
+        perform pg_catalog.pg_notify('outbox_relay:' || tg_table_schema || '.' || tg_table_name, '');
     end if;
     return null;
 end
