@@ -233,7 +233,6 @@ async fn run_outbox(
     let connections = Connections::new(database);
     let store = Postgres::new(
         connections.clone(),
-        database.statement_timeout,
         table,
         &database.columns,
         ClaimRules {
@@ -269,21 +268,10 @@ async fn run_outbox(
         settings.retention.clone(),
         tasks_stop.clone(),
     ));
-    let partition_check = match (&broker, &settings.broker) {
-        (
-            Broker::Kafka(kafka),
-            BrokerSettings::Kafka {
-                settings: kafka_settings,
-                ..
-            },
-        ) => Some(tokio::spawn(partitions::watch(
-            kafka.partitions(),
-            TopicPartitions::new(connections, table),
-            kafka.client_config().clone(),
-            kafka_settings.partition_check_interval,
-            kafka_settings.on_partition_change,
-            tasks_stop.clone(),
-        ))),
+    let partition_check = match &broker {
+        Broker::Kafka(kafka) => Some(tokio::spawn(
+            kafka.partition_check(TopicPartitions::new(connections, table), tasks_stop.clone()),
+        )),
         _ => None,
     };
 
@@ -477,42 +465,31 @@ async fn partitions(config: &Settings, accept: &[String]) -> u8 {
             return EXIT_RUNTIME;
         }
     };
-    let wanted: std::collections::BTreeMap<String, i32> = if accept.is_empty() {
-        recorded.clone()
+    let topics: Vec<String> = if accept.is_empty() {
+        recorded.keys().cloned().collect()
     } else {
-        accept
-            .iter()
-            .map(|t| (t.clone(), recorded.get(t).copied().unwrap_or(0)))
-            .collect()
+        accept.to_vec()
     };
-    let found = match partitions::report(&wanted, &settings.client).await {
-        Ok(found) => found,
+    let current = match partitions::current_counts(&topics, &settings.client).await {
+        Ok(current) => current,
         Err(err) => {
             eprintln!("error: cannot create a Kafka client: {}", ErrorChain(&err));
             return EXIT_RUNTIME;
         }
     };
     let mut code = 0;
-    for (topic, count, current) in found {
-        match (accept.is_empty(), current) {
-            (_, None) => {
-                eprintln!("error: topic {topic}: the cluster does not report its partitions");
-                code = EXIT_RUNTIME;
-            }
-            (true, Some(current)) if current == count => {
-                println!("topic {topic}: {count} partitions, as recorded");
-            }
-            (true, Some(current)) => println!(
-                "topic {topic}: {count} partitions recorded, {current} in the cluster: publishing to it is paused (accept with --accept {topic})"
-            ),
-            (false, Some(current)) => match ledger.record(&topic, current, true).await {
+    for (topic, current) in topics.iter().zip(current) {
+        let count = recorded.get(topic).copied();
+        let Some(current) = current else {
+            eprintln!("error: topic {topic}: the cluster does not report its partitions");
+            code = EXIT_RUNTIME;
+            continue;
+        };
+        if !accept.is_empty() {
+            match ledger.record(topic, current, true).await {
                 Ok(()) => println!(
                     "topic {topic}: {current} partitions accepted (recorded before: {}); relays resume publishing to it at their next check",
-                    if count == 0 {
-                        "none".to_owned()
-                    } else {
-                        count.to_string()
-                    }
+                    count.map_or("none".to_owned(), |n| n.to_string())
                 ),
                 Err(err) => {
                     eprintln!(
@@ -521,7 +498,13 @@ async fn partitions(config: &Settings, accept: &[String]) -> u8 {
                     );
                     code = EXIT_RUNTIME;
                 }
-            },
+            }
+        } else if count == Some(current) {
+            println!("topic {topic}: {current} partitions, as recorded");
+        } else if let Some(count) = count {
+            println!(
+                "topic {topic}: {count} partitions recorded, {current} in the cluster: publishing to it is paused unless broker.kafka.on_partition_change = \"continue\" (accept with --accept {topic})"
+            );
         }
     }
     code

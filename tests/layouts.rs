@@ -103,14 +103,12 @@ async fn a_debezium_table_is_adopted_and_its_consumers_see_the_routers_messages(
     // AND each aggregate's events arrive in the order they were written
     let mut order: BTreeMap<String, Vec<i64>> = BTreeMap::new();
     for message in &received {
-        let aggregate: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "select aggregateid from {} where id = $1::uuid",
-            outbox.table
-        )))
-        .bind(message.event_id())
-        .fetch_one(&outbox.pool)
-        .await
-        .expect("the row");
+        let aggregate: String = outbox
+            .scalar(&format!(
+                "select aggregateid from {{table}} where id = '{}'::uuid",
+                message.event_id()
+            ))
+            .await;
         order.entry(aggregate).or_default().push(message.seq());
     }
     assert_eq!(order["o-1"], [0, 1, 2, 3]);
@@ -131,8 +129,13 @@ async fn a_debezium_table_is_adopted_and_rabbitmq_consumers_see_the_routers_mess
 #[tokio::test(flavor = "multi_thread")]
 async fn routing_key_timestamp_and_headers_come_from_the_columns_mapped_to_them() {
     // GIVEN a Debezium-style table with a routing column, a customer column used as the key, a
-    // tracing column, a `timestamp` creation column and a `json` payload (kept as written)
+    // tracing column, a `timestamp` creation column and a `json` payload (kept as written),
+    // and a relay whose URL asks for sessions in New York time
     let mut outbox = Outbox::unmigrated().await;
+    outbox.database_url = format!(
+        "{}?options=-c%20TimeZone%3DAmerica%2FNew_York",
+        outbox.database_url
+    );
     outbox.database.insert("layout", "\"debezium\"".to_owned());
     outbox
         .exec(
@@ -183,7 +186,8 @@ async fn routing_key_timestamp_and_headers_come_from_the_columns_mapped_to_them(
     assert_eq!(received[0].header("eventType"), "Placed");
     assert_eq!(received[0].header("traceparent"), "00-abc-01");
     assert_eq!(header_names(&received[1]), ["eventType", "id"]);
-    // AND the timestamp is the creation column's, read as UTC
+    // AND the timestamp is the creation column's, read as UTC whatever the session's time
+    // zone
     let expected = chrono::NaiveDate::from_ymd_opt(2026, 1, 2)
         .unwrap()
         .and_hms_milli_opt(3, 4, 5, 678)
@@ -242,13 +246,9 @@ async fn bytea_payloads_are_sent_as_stored_and_null_ones_as_tombstones() {
     assert_eq!(received[0].value.as_deref(), Some(&[0x00, 0xff, 0x10][..]));
     assert_eq!(received[1].value, None, "a tombstone");
     // AND both carry the relay's headers with the event id from the mapped column
-    let uids: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "select uid::text from {} order by seq",
-        outbox.table
-    )))
-    .fetch_all(&outbox.pool)
-    .await
-    .unwrap();
+    let uids: Vec<String> = outbox
+        .column("select uid::text from {table} order by seq")
+        .await;
     let ids: Vec<&str> = received.iter().map(|m| m.header("event_id")).collect();
     assert_eq!(ids, uids);
     assert_eq!(received[1].header("event_type"), "deleted");
@@ -364,4 +364,35 @@ async fn check_names_a_mapped_column_the_table_lacks_and_status_and_requeue_use_
         .await;
     let requeued = outbox.command(&["requeue", "--event-id", &id]).success();
     assert!(requeued.stdout.contains("requeued 1"), "{requeued:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_creates_debeziums_table_for_the_debezium_layout_when_it_is_missing() {
+    // GIVEN the Debezium layout and no table
+    let mut outbox = Outbox::unmigrated().await;
+    outbox.database.insert("layout", "\"debezium\"".to_owned());
+    // WHEN migrate runs
+    outbox.migrate().success();
+    // THEN the table has Debezium's columns, then the relay's, and takes the router's insert
+    let columns: Vec<String> = columns_of(&outbox)
+        .await
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    assert_eq!(
+        &columns[..6],
+        [
+            "id",
+            "aggregatetype",
+            "aggregateid",
+            "type",
+            "payload",
+            "relay_seq"
+        ]
+    );
+    insert_debezium(&outbox, "Order", "o-1", 0).await;
+    let mut reader = outbox.reader("Order", 1).await;
+    let _relay = outbox.start();
+    let received = reader.read_distinct(1, WAIT).await;
+    assert_eq!(header_names(&received[0]), ["id"]);
 }

@@ -745,3 +745,64 @@ async fn the_trigger_notifies_only_while_no_relay_is_awake() {
         started.elapsed()
     );
 }
+
+/// A relay (partition check every second, `on_partition_change = policy`) started on three
+/// events for a topic of 4 partitions whose recorded count is 2: the count changed while no
+/// relay ran. Returns the outbox, the topic and the relay.
+async fn started_after_a_partition_change(
+    policy: &str,
+) -> (Outbox, String, crate::support::RelayProcess) {
+    let mut outbox = Outbox::new().await;
+    outbox
+        .kafka
+        .insert("partition_check_interval", "\"1s\"".to_owned());
+    outbox
+        .kafka
+        .insert("on_partition_change", format!("\"{policy}\""));
+    let topic = outbox.topic("order");
+    crate::support::kafka::create_topic(&topic, 4).await;
+    outbox
+        .exec(&format!(
+            "insert into {{table}}_topic_partitions (topic, partitions) values ('{topic}', 2)"
+        ))
+        .await;
+    outbox.insert("order", "o-1", 0..3).await;
+    let relay = outbox.start();
+    (outbox, topic, relay)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_change_made_while_no_relay_ran_pauses_the_topic_before_its_first_message() {
+    // GIVEN a topic whose partition count changed from 2 to 4 while no relay ran, and events
+    // for it; WHEN a relay starts
+    let (outbox, topic, relay) = started_after_a_partition_change("pause").await;
+
+    // THEN it reports the change, and publishes nothing to the topic: its first check ran
+    // before its first message
+    relay
+        .wait_for_log("topic's partition count changed", WAIT)
+        .await;
+    let mut reader =
+        tokio::task::block_in_place(|| crate::support::kafka::TopicReader::existing(&topic));
+    let sent = tokio::task::block_in_place(|| reader.read_for(Duration::from_secs(3)).len());
+    assert_eq!(sent, 0, "nothing published before or after the check");
+    assert_eq!(outbox.counts().await, (0, 3));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_on_partition_change_continue_the_change_is_reported_recorded_and_publishing_goes_on()
+{
+    // GIVEN the same change, with on_partition_change = "continue"; WHEN a relay starts
+    let (outbox, _topic, relay) = started_after_a_partition_change("continue").await;
+
+    // THEN it reports the change, records the new count, and publishes the events
+    relay.wait_for_log("carrying on", WAIT).await;
+    outbox.wait_all_published(WAIT).await;
+    wait_until(WAIT, "the new count recorded", || async {
+        outbox
+            .scalar::<i32>("select partitions from {table}_topic_partitions")
+            .await
+            == 4
+    })
+    .await;
+}

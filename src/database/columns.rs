@@ -189,21 +189,28 @@ impl Columns {
         *self == Self::relay()
     }
 
-    /// Each logical column and the table's column behind it (`check` prints them).
-    pub(crate) fn mapped(&self) -> Vec<(&'static str, &str)> {
-        let mut out = vec![
-            ("id", self.id.as_str()),
-            ("event_id", self.event_id.as_str()),
-            ("aggregate_type", self.aggregate_type.as_str()),
-            ("aggregate_id", self.aggregate_id.as_str()),
-            ("event_type", self.event_type.as_str()),
-            ("payload", self.payload.as_str()),
-        ];
+    /// Each logical column and the table's column behind it, then each header column as
+    /// `column as header` (`check` prints them).
+    pub(crate) fn mapped(&self) -> Vec<(&'static str, String)> {
+        let mut out: Vec<(&'static str, String)> = [
+            ("id", &self.id),
+            ("event_id", &self.event_id),
+            ("aggregate_type", &self.aggregate_type),
+            ("aggregate_id", &self.aggregate_id),
+            ("event_type", &self.event_type),
+            ("payload", &self.payload),
+        ]
+        .into_iter()
+        .map(|(logical, column)| (logical, column.clone()))
+        .collect();
         if let Some(headers) = &self.headers {
-            out.push(("headers", headers));
+            out.push(("headers", headers.clone()));
         }
         if let Some(created_at) = &self.created_at {
-            out.push(("created_at", created_at));
+            out.push(("created_at", created_at.clone()));
+        }
+        for (column, header) in &self.header_columns {
+            out.push(("header", format!("{column} as {header}")));
         }
         out
     }

@@ -11,13 +11,16 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use super::{Received, kafka_brokers, unique};
 
-/// Creates `topic` with `partitions` partitions (before the relay would auto-create it).
-pub async fn create_topic(topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+fn admin() -> AdminClient<DefaultClientContext> {
+    ClientConfig::new()
         .set("bootstrap.servers", kafka_brokers())
         .create()
-        .expect("admin client");
-    let results = admin
+        .expect("admin client")
+}
+
+/// Creates `topic` with `partitions` partitions (before the relay would auto-create it).
+pub async fn create_topic(topic: &str, partitions: i32) {
+    let results = admin()
         .create_topics(
             &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
             &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
@@ -32,11 +35,7 @@ pub async fn create_topic(topic: &str, partitions: i32) {
 /// Deletes `topic` and creates it again with `partitions` partitions: what the relay's metadata
 /// sees is a topic whose partition count changed (tansu has no CreatePartitions).
 pub async fn recreate_topic(topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .create()
-        .expect("admin client");
-    let results = admin
+    let results = admin()
         .delete_topics(
             &[topic],
             &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),

@@ -438,6 +438,17 @@ impl Outbox {
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
+    /// The values of the one column `sql` (see [`Outbox::render`]) selects, row by row.
+    pub async fn column<T>(&self, sql: &str) -> Vec<T>
+    where
+        T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
+    {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(self.render(sql)))
+            .fetch_all(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
     /// Runs SQL (see [`Outbox::render`]).
     pub async fn exec(&self, sql: &str) {
         sqlx::raw_sql(sqlx::AssertSqlSafe(self.render(sql)))

@@ -5,6 +5,7 @@ pub(crate) mod config;
 pub(crate) mod partitions;
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,13 +15,14 @@ use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use tokio_util::sync::CancellationToken;
 
 use super::cloudevents::Binding;
 use super::template::Template;
 use super::{Allowed, ErrorClass, HoldBack, NotAttempted, Outcome, Outcomes, PublishError, Shape};
 use crate::outbox::OutboxRow;
 use config::KafkaSettings;
-use partitions::Partitions;
+use partitions::{Ledger, Partitions};
 
 /// Routes librdkafka's own log lines and global errors to debug level: a broker that is down
 /// would otherwise log several error lines per second, while the relay reports the outage once
@@ -52,7 +54,8 @@ pub(crate) struct KafkaProducer {
     allowed: Allowed,
     /// What messages carry besides their value.
     shape: Shape,
-    /// The topics' partition-count state: a paused topic's rows are refused.
+    /// The topics' partition-count state (and how the check runs): a paused topic's rows
+    /// are refused.
     partitions: Arc<Partitions>,
 }
 
@@ -77,7 +80,10 @@ impl KafkaProducer {
         let topic = settings.topic.clone();
         let producer = client.create_with_context(QuietContext)?;
         Ok(Self {
-            partitions: Arc::new(Partitions::new(true)),
+            partitions: Arc::new(Partitions::new(
+                settings.partition_check_interval,
+                settings.on_partition_change,
+            )),
             producer: std::sync::RwLock::new(producer),
             client,
             topic,
@@ -118,15 +124,20 @@ impl KafkaProducer {
         }
     }
 
-    /// The topics' partition-count state, for the check that keeps it
-    /// ([`partitions::watch`]); until that check has run once, nothing is sent.
-    pub(crate) fn partitions(&self) -> Arc<Partitions> {
-        Arc::clone(&self.partitions)
-    }
-
-    /// The client configuration, for the partition check's own client.
-    pub(crate) fn client_config(&self) -> &ClientConfig {
-        &self.client
+    /// The check of the topics' partition counts against `ledger` ([`partitions::watch`]),
+    /// until `shutdown`: run it beside the relay. Until its first round has ended, nothing is
+    /// sent (for at most 15 s).
+    pub(crate) fn partition_check<L: Ledger>(
+        &self,
+        ledger: L,
+        shutdown: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        partitions::watch(
+            Arc::clone(&self.partitions),
+            ledger,
+            self.client.clone(),
+            shutdown,
+        )
     }
 
     /// The topic `row` goes to.

@@ -82,13 +82,23 @@ pub(crate) trait Ledger: Send + Sync + 'static {
 /// tells).
 #[derive(Debug)]
 pub(crate) struct Partitions {
-    /// Topics the producer has sent to, or the ledger knows: the ones the check looks at.
-    seen: Mutex<BTreeSet<String>>,
-    /// Paused topics: (recorded, current) partition counts.
-    paused: Mutex<BTreeMap<String, (i32, i32)>>,
+    /// One lock for both, taken once per message by [`Partitions::admit`].
+    topics: Mutex<Topics>,
     /// False until the check's first round ended (or gave up): sending waits for it, so a
     /// change made while the relay was down is caught before the first message.
     checked: watch::Sender<bool>,
+    /// `broker.kafka.partition_check_interval`.
+    interval: Duration,
+    /// `broker.kafka.on_partition_change`.
+    policy: OnPartitionChange,
+}
+
+#[derive(Debug, Default)]
+struct Topics {
+    /// Topics the producer has sent to, or the ledger knows: the ones the check looks at.
+    seen: BTreeSet<String>,
+    /// Paused topics: (recorded, current) partition counts.
+    paused: BTreeMap<String, (i32, i32)>,
 }
 
 /// How long sending waits for the first check (a database or cluster that does not answer
@@ -96,13 +106,18 @@ pub(crate) struct Partitions {
 const FIRST_CHECK_WAIT: Duration = Duration::from_secs(15);
 
 impl Partitions {
-    /// With `watching` false (no check runs), nothing is ever paused or waited for.
-    pub(crate) fn new(watching: bool) -> Self {
+    /// No topic known yet; the check runs every `interval` and acts on a change by `policy`.
+    pub(crate) fn new(interval: Duration, policy: OnPartitionChange) -> Self {
         Self {
-            seen: Mutex::new(BTreeSet::new()),
-            paused: Mutex::new(BTreeMap::new()),
-            checked: watch::Sender::new(!watching),
+            topics: Mutex::new(Topics::default()),
+            checked: watch::Sender::new(false),
+            interval,
+            policy,
         }
+    }
+
+    fn topics(&self) -> std::sync::MutexGuard<'_, Topics> {
+        self.topics.lock().expect("partitions lock poisoned")
     }
 
     /// Waits (bounded) until the first check has run; after one wait that ran out, sending
@@ -123,49 +138,42 @@ impl Partitions {
 
     /// Before sending to `topic`: notes it for the check, and refuses while it is paused.
     pub(crate) fn admit(&self, topic: &str) -> Result<(), PublishError> {
-        if let Some((recorded, current)) = self.paused.lock().expect("partitions lock").get(topic) {
+        let mut topics = self.topics();
+        if let Some((recorded, current)) = topics.paused.get(topic) {
             return Err(PublishError::PartitionsChanged {
                 topic: topic.to_owned(),
                 recorded: *recorded,
                 current: *current,
             });
         }
-        let mut seen = self.seen.lock().expect("partitions lock");
-        if !seen.contains(topic) {
-            seen.insert(topic.to_owned());
+        if !topics.seen.contains(topic) {
+            topics.seen.insert(topic.to_owned());
         }
         Ok(())
     }
 
-    fn seen(&self) -> Vec<String> {
-        self.seen
-            .lock()
-            .expect("partitions lock")
-            .iter()
-            .cloned()
-            .collect()
+    /// Every topic seen, and those given (the ledger's).
+    fn seen_with(&self, recorded: impl IntoIterator<Item = String>) -> Vec<String> {
+        let mut topics = self.topics();
+        topics.seen.extend(recorded);
+        topics.seen.iter().cloned().collect()
     }
 
     /// Pauses `topic`; true when it was not paused already.
     fn pause(&self, topic: &str, recorded: i32, current: i32) -> bool {
-        self.paused
-            .lock()
-            .expect("partitions lock")
+        self.topics()
+            .paused
             .insert(topic.to_owned(), (recorded, current))
             .is_none()
     }
 
     /// Resumes `topic`; true when it was paused.
     fn resume(&self, topic: &str) -> bool {
-        self.paused
-            .lock()
-            .expect("partitions lock")
-            .remove(topic)
-            .is_some()
+        self.topics().paused.remove(topic).is_some()
     }
 
     fn paused_count(&self) -> usize {
-        self.paused.lock().expect("partitions lock").len()
+        self.topics().paused.len()
     }
 }
 
@@ -180,16 +188,15 @@ fn partition_count(client: &BaseProducer, topic: &str, timeout: Duration) -> Opt
     i32::try_from(found.partitions().len()).ok()
 }
 
-/// The check, every `interval` until `shutdown` (see the module docs). `client` is the
+/// The check, every `partition_check_interval` until `shutdown` (see the module docs). `client` is the
 /// producer's configuration: the check opens a client of its own with it.
 pub(crate) async fn watch<L: Ledger>(
     partitions: Arc<Partitions>,
     ledger: L,
     client: ClientConfig,
-    interval: Duration,
-    policy: OnPartitionChange,
     shutdown: CancellationToken,
 ) {
+    let (interval, policy) = (partitions.interval, partitions.policy);
     let client: BaseProducer = match client.create() {
         Ok(client) => client,
         Err(err) => {
@@ -225,11 +232,7 @@ async fn check<L: Ledger>(
             return;
         }
     };
-    {
-        let mut seen = partitions.seen.lock().expect("partitions lock");
-        seen.extend(recorded.keys().cloned());
-    }
-    for topic in partitions.seen() {
+    for topic in partitions.seen_with(recorded.keys().cloned()) {
         let Some(current) = current_count(client, &topic).await else {
             continue;
         };
@@ -292,15 +295,16 @@ async fn current_count(client: &Arc<BaseProducer>, topic: &str) -> Option<i32> {
         .flatten()
 }
 
-/// `outbox-relay partitions`: each recorded topic with its recorded and current count.
-pub(crate) async fn report(
-    recorded: &BTreeMap<String, i32>,
+/// `outbox-relay partitions`: the cluster's current partition count of each of `topics`
+/// (`None`: not reported).
+pub(crate) async fn current_counts(
+    topics: &[String],
     client: &ClientConfig,
-) -> Result<Vec<(String, i32, Option<i32>)>, rdkafka::error::KafkaError> {
+) -> Result<Vec<Option<i32>>, rdkafka::error::KafkaError> {
     let client: Arc<BaseProducer> = Arc::new(client.create()?);
-    let mut out = Vec::with_capacity(recorded.len());
-    for (topic, count) in recorded {
-        out.push((topic.clone(), *count, current_count(&client, topic).await));
+    let mut out = Vec::with_capacity(topics.len());
+    for topic in topics {
+        out.push(current_count(&client, topic).await);
     }
     Ok(out)
 }
@@ -333,9 +337,9 @@ mod tests {
 
     #[test]
     fn a_paused_topic_refuses_its_rows_as_a_destination_in_trouble_until_resumed() {
-        let partitions = Partitions::new(true);
+        let partitions = Partitions::new(Duration::from_secs(30), OnPartitionChange::Pause);
         assert!(partitions.admit("orders").is_ok());
-        assert_eq!(partitions.seen(), ["orders"]);
+        assert_eq!(partitions.seen_with([]), ["orders"]);
         assert!(partitions.pause("orders", 2, 4));
         assert!(!partitions.pause("orders", 2, 4), "paused once");
         let err = partitions.admit("orders").unwrap_err();

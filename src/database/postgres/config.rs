@@ -86,6 +86,9 @@ pub(crate) struct DatabaseSettings {
 impl DatabaseConfig {
     /// Checks the section and parses it.
     ///
+    /// Every session is in UTC (sqlx sends `TimeZone=UTC` at startup, over any `options` the
+    /// URL carries), so `timestamp` columns of an adopted table are read as UTC.
+    ///
     /// The connection options carry, for every relay session, the application name, the
     /// statement timeout, `idle_in_transaction_session_timeout` and `synchronous_commit = off`.
     /// The relay's only transactions are claims, whose statements follow each other at once; a
@@ -146,8 +149,6 @@ impl DatabaseConfig {
                 IDLE_IN_TRANSACTION_TIMEOUT,
             ),
             ("synchronous_commit", "off"),
-            // `timestamp` columns (without time zone) of an adopted table are read as UTC.
-            ("timezone", "UTC"),
         ]);
         let columns = Columns::parse(self.layout, self.columns.as_ref())?;
         Ok(DatabaseSettings {

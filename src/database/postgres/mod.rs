@@ -82,6 +82,9 @@ pub(crate) struct Connections {
     current: Arc<Mutex<(u64, PgPool)>>,
     options: PgConnectOptions,
     max_connections: u32,
+    /// Client-side bound on each operation (`database.statement_timeout` + 5 s): the server's
+    /// statement timeout cannot end a statement whose connection stopped answering.
+    client_timeout: Duration,
 }
 
 impl Connections {
@@ -93,6 +96,7 @@ impl Connections {
             current: Arc::new(Mutex::new((0, pool))),
             options,
             max_connections: settings.max_connections,
+            client_timeout: settings.statement_timeout + CLIENT_TIMEOUT_MARGIN,
         }
     }
 
@@ -101,6 +105,43 @@ impl Connections {
             .max_connections(max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_lazy_with(options.clone())
+    }
+
+    /// Runs `work` on the pool within the client-side bound (`Connections::client_timeout`). On
+    /// expiry `work` is dropped, and with it its connection (the pool is replaced).
+    async fn bounded<T, Fut>(
+        &self,
+        op: &'static str,
+        work: impl FnOnce(PgPool) -> Fut,
+    ) -> Result<T, DatabaseError>
+    where
+        Fut: Future<Output = Result<T, DatabaseError>>,
+    {
+        let (generation, pool) = self.get();
+        match tokio::time::timeout(self.client_timeout, work(pool)).await {
+            // No connection within the acquire timeout: with a handful of connections and
+            // statements of milliseconds, they are all stuck (the pool tests an idle one with
+            // a ping before handing it out, and on a connection that stopped answering that
+            // ping waits). Replaced like an unanswered statement's.
+            Ok(Err(DatabaseError::Sql {
+                op,
+                source: sqlx::Error::PoolTimedOut,
+            })) => {
+                self.replace(generation);
+                Err(DatabaseError::NoAnswer {
+                    op,
+                    limit: ACQUIRE_TIMEOUT,
+                })
+            }
+            Ok(done) => done,
+            Err(_) => {
+                self.replace(generation);
+                Err(DatabaseError::NoAnswer {
+                    op,
+                    limit: self.client_timeout,
+                })
+            }
+        }
     }
 
     /// The pool in use, with its generation.
@@ -131,9 +172,6 @@ impl Connections {
 #[derive(Debug, Clone)]
 pub(crate) struct Postgres {
     connections: Connections,
-    /// Client-side bound on each operation (`database.statement_timeout` + 5 s): the server's
-    /// statement timeout cannot end a statement whose connection stopped answering.
-    client_timeout: Duration,
     /// Name of the claim advisory lock, hashed by PostgreSQL; one per table.
     lock_name: String,
     /// Whether a dead-lettered row holds back its aggregate (`retry.on_dead_letter = park`).
@@ -222,7 +260,6 @@ impl Postgres {
     /// The statements for `table` with `rules`, over `connections`; nothing connects yet.
     pub(crate) fn new(
         connections: Connections,
-        statement_timeout: Duration,
         table: &Table,
         columns: &Columns,
         rules: ClaimRules,
@@ -308,7 +345,7 @@ impl Postgres {
                 .headers
                 .as_ref()
                 .map_or("null::text".to_owned(), |h| format!("o.{h}::text")),
-            // `timestamp` columns are read as UTC (the relay's sessions use UTC)
+            // `timestamp` columns are read as UTC (the sessions are in UTC: `DatabaseConfig::validate`)
             created_at = c
                 .created_at
                 .as_ref()
@@ -463,7 +500,6 @@ impl Postgres {
                     );
         Self {
             connections,
-            client_timeout: statement_timeout + CLIENT_TIMEOUT_MARGIN,
             lock_name: "outbox-relay:claim:".to_owned(),
             park_dead,
             columns: columns.clone(),
@@ -488,43 +524,6 @@ impl Postgres {
             keep_awake: sql(keep_awake),
             awake_renewed: Arc::new(Mutex::new(None)),
             guard: commit_order_guard.then(|| Arc::new(Mutex::new(Guard::default()))),
-        }
-    }
-
-    /// Runs `work` within the client-side bound (`Postgres::client_timeout`). On expiry `work`
-    /// is dropped, and with it its connection (the pool replaces it).
-    async fn bounded<T, Fut>(
-        &self,
-        op: &'static str,
-        work: impl FnOnce(PgPool) -> Fut,
-    ) -> Result<T, DatabaseError>
-    where
-        Fut: Future<Output = Result<T, DatabaseError>>,
-    {
-        let (generation, pool) = self.connections.get();
-        match tokio::time::timeout(self.client_timeout, work(pool)).await {
-            // No connection within the acquire timeout: with a handful of connections and
-            // statements of milliseconds, they are all stuck (the pool tests an idle one with
-            // a ping before handing it out, and on a connection that stopped answering that
-            // ping waits). Replaced like an unanswered statement's.
-            Ok(Err(DatabaseError::Sql {
-                op,
-                source: sqlx::Error::PoolTimedOut,
-            })) => {
-                self.connections.replace(generation);
-                Err(DatabaseError::NoAnswer {
-                    op,
-                    limit: ACQUIRE_TIMEOUT,
-                })
-            }
-            Ok(done) => done,
-            Err(_) => {
-                self.connections.replace(generation);
-                Err(DatabaseError::NoAnswer {
-                    op,
-                    limit: self.client_timeout,
-                })
-            }
         }
     }
 
@@ -603,98 +602,99 @@ impl Postgres {
 impl Store for Postgres {
     /// Claims up to `limit` due rows for `lease_duration`; see the module docs for the protocol.
     async fn claim(&self, limit: u32, lease_duration: Duration) -> Result<Claimed, DatabaseError> {
-        self.bounded("claim", |pool| async move {
-            let limit = limit.min(self.row_budget.load(Ordering::Relaxed)).max(1);
-            let err = DatabaseError::new("claim");
-            let mut tx = pool.begin().await.map_err(err)?;
-            let expired: bool = sqlx::query_scalar(self.lock.clone())
-                .bind(&self.lock_name)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(DatabaseError::new("claim"))?;
-            if expired {
-                sqlx::query(self.reap.clone())
-                    .execute(&mut *tx)
+        self.connections
+            .bounded("claim", |pool| async move {
+                let limit = limit.min(self.row_budget.load(Ordering::Relaxed)).max(1);
+                let err = DatabaseError::new("claim");
+                let mut tx = pool.begin().await.map_err(err)?;
+                let expired: bool = sqlx::query_scalar(self.lock.clone())
+                    .bind(&self.lock_name)
+                    .fetch_one(&mut *tx)
                     .await
                     .map_err(DatabaseError::new("claim"))?;
-            }
-            let (horizon, held_back) = self
-                .horizon(&mut tx)
-                .await
-                .map_err(DatabaseError::new("claim"))?;
-            let rows = sqlx::query(self.claim.clone())
-                .bind(i64::from(limit))
-                .bind(self.park_dead)
-                .bind(horizon)
-                .bind(self.max_batch_bytes)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(DatabaseError::new("claim"))?;
-            // As many rows as asked for: more may be due at once (also when the byte bound cut
-            // the batch short).
-            let full = rows.len() == limit as usize;
-            if rows.is_empty() {
-                tx.commit().await.map_err(DatabaseError::new("claim"))?;
-                return Ok(Claimed {
-                    batch: None,
-                    held_back,
-                });
-            }
-            let returned = rows.len();
-            let picked = rows
-                .iter()
-                .map_while(|row| Picked::decode(row).transpose())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(DatabaseError::new("claim"))?;
-            tracing::debug!(asked = limit, returned, kept = picked.len(), "rows claimed");
-            self.row_budget.store(
-                next_row_budget(limit, returned, picked.len()),
-                Ordering::Relaxed,
-            );
-            let ids: Vec<i64> = picked.iter().map(|r| r.id).collect();
-            let aggregates: Vec<&str> = picked
-                .iter()
-                .map(|r| r.aggregate_id.as_str())
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .collect();
-            let lease_ms = i64::try_from(lease_duration.as_millis()).unwrap_or(i64::MAX);
-            let (id, until) = sqlx::query_as(self.lease.clone())
-                .bind(lease_ms)
-                .bind(&ids)
-                .bind(&aggregates)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(DatabaseError::new("claim"))?;
-            tx.commit().await.map_err(DatabaseError::new("claim"))?;
-            let lease = Lease { id, until };
-            self.stay_awake(&pool).await;
-            // The claim lock is free again; the contents are read under the lease alone.
-            let fetched = sqlx::query(self.fetch.clone())
-                .bind(&ids)
-                .fetch_all(&pool)
-                .await
-                .map_err(DatabaseError::new("claim"));
-            let fetched = match fetched {
-                Ok(fetched) => fetched,
-                Err(err) => {
-                    // Give the rows back now rather than when the lease runs out; nothing
-                    // was attempted, so nothing is charged.
-                    let _ = sqlx::query_scalar::<_, i64>(self.release_lease.clone())
-                        .bind(lease.id)
-                        .fetch_optional(&pool)
-                        .await;
-                    return Err(err);
+                if expired {
+                    sqlx::query(self.reap.clone())
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(DatabaseError::new("claim"))?;
                 }
-            };
-            let rows = join_picked(picked, &fetched, &self.columns)
-                .map_err(DatabaseError::new("claim"))?;
-            Ok(Claimed {
-                batch: Some(Batch { rows, lease, full }),
-                held_back,
+                let (horizon, held_back) = self
+                    .horizon(&mut tx)
+                    .await
+                    .map_err(DatabaseError::new("claim"))?;
+                let rows = sqlx::query(self.claim.clone())
+                    .bind(i64::from(limit))
+                    .bind(self.park_dead)
+                    .bind(horizon)
+                    .bind(self.max_batch_bytes)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(DatabaseError::new("claim"))?;
+                // As many rows as asked for: more may be due at once (also when the byte bound cut
+                // the batch short).
+                let full = rows.len() == limit as usize;
+                if rows.is_empty() {
+                    tx.commit().await.map_err(DatabaseError::new("claim"))?;
+                    return Ok(Claimed {
+                        batch: None,
+                        held_back,
+                    });
+                }
+                let returned = rows.len();
+                let picked = rows
+                    .iter()
+                    .map_while(|row| Picked::decode(row).transpose())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(DatabaseError::new("claim"))?;
+                tracing::debug!(asked = limit, returned, kept = picked.len(), "rows claimed");
+                self.row_budget.store(
+                    next_row_budget(limit, returned, picked.len()),
+                    Ordering::Relaxed,
+                );
+                let ids: Vec<i64> = picked.iter().map(|r| r.id).collect();
+                let aggregates: Vec<&str> = picked
+                    .iter()
+                    .map(|r| r.aggregate_id.as_str())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                let lease_ms = i64::try_from(lease_duration.as_millis()).unwrap_or(i64::MAX);
+                let (id, until) = sqlx::query_as(self.lease.clone())
+                    .bind(lease_ms)
+                    .bind(&ids)
+                    .bind(&aggregates)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(DatabaseError::new("claim"))?;
+                tx.commit().await.map_err(DatabaseError::new("claim"))?;
+                let lease = Lease { id, until };
+                // The claim lock is free again; the contents are read under the lease alone,
+                // beside the renewal of the awake row (on another connection).
+                let (fetched, ()) = tokio::join!(
+                    sqlx::query(self.fetch.clone()).bind(&ids).fetch_all(&pool),
+                    self.stay_awake(&pool)
+                );
+                let fetched = fetched.map_err(DatabaseError::new("claim"));
+                let fetched = match fetched {
+                    Ok(fetched) => fetched,
+                    Err(err) => {
+                        // Give the rows back now rather than when the lease runs out; nothing
+                        // was attempted, so nothing is charged.
+                        let _ = sqlx::query_scalar::<_, i64>(self.release_lease.clone())
+                            .bind(lease.id)
+                            .fetch_optional(&pool)
+                            .await;
+                        return Err(err);
+                    }
+                };
+                let rows = join_picked(picked, &fetched, &self.columns)
+                    .map_err(DatabaseError::new("claim"))?;
+                Ok(Claimed {
+                    batch: Some(Batch { rows, lease, full }),
+                    held_back,
+                })
             })
-        })
-        .await
+            .await
     }
 
     /// Marks the acknowledged rows published and ends the lease, in one statement: the last
@@ -702,16 +702,17 @@ impl Store for Postgres {
     /// rows it marked; fewer than `ids.len()` means the lease had expired and another claim
     /// took the rows over (fenced).
     async fn mark(&self, ids: &[i64], lease: Lease) -> Result<u64, DatabaseError> {
-        self.bounded("mark", |pool| async move {
-            let done = sqlx::query(self.mark.clone())
-                .bind(ids)
-                .bind(lease.id)
-                .execute(&pool)
-                .await
-                .map_err(DatabaseError::new("mark"))?;
-            Ok(done.rows_affected())
-        })
-        .await
+        self.connections
+            .bounded("mark", |pool| async move {
+                let done = sqlx::query(self.mark.clone())
+                    .bind(ids)
+                    .bind(lease.id)
+                    .execute(&pool)
+                    .await
+                    .map_err(DatabaseError::new("mark"))?;
+                Ok(done.rows_affected())
+            })
+            .await
     }
 
     /// Records failed attempts: each row gets its error and either a retry time or, when
@@ -721,31 +722,32 @@ impl Store for Postgres {
         failures: &[Failure],
         lease: Lease,
     ) -> Result<u64, DatabaseError> {
-        self.bounded("retry", |pool| async move {
-            if failures.is_empty() {
-                return Ok(0);
-            }
-            let ids: Vec<i64> = failures.iter().map(|f| f.id).collect();
-            let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
-            let delays: Vec<i64> = failures
-                .iter()
-                .map(|f| i64::try_from(f.retry_in.as_millis()).unwrap_or(i64::MAX))
-                .collect();
-            let dead: Vec<bool> = failures.iter().map(|f| f.dead).collect();
-            let deferred: Vec<bool> = failures.iter().map(|f| f.deferred).collect();
-            let done = sqlx::query(self.retry.clone())
-                .bind(&ids)
-                .bind(&errors)
-                .bind(&delays)
-                .bind(&dead)
-                .bind(lease.id)
-                .bind(&deferred)
-                .execute(&pool)
-                .await
-                .map_err(DatabaseError::new("retry"))?;
-            Ok(done.rows_affected())
-        })
-        .await
+        self.connections
+            .bounded("retry", |pool| async move {
+                if failures.is_empty() {
+                    return Ok(0);
+                }
+                let ids: Vec<i64> = failures.iter().map(|f| f.id).collect();
+                let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
+                let delays: Vec<i64> = failures
+                    .iter()
+                    .map(|f| i64::try_from(f.retry_in.as_millis()).unwrap_or(i64::MAX))
+                    .collect();
+                let dead: Vec<bool> = failures.iter().map(|f| f.dead).collect();
+                let deferred: Vec<bool> = failures.iter().map(|f| f.deferred).collect();
+                let done = sqlx::query(self.retry.clone())
+                    .bind(&ids)
+                    .bind(&errors)
+                    .bind(&delays)
+                    .bind(&dead)
+                    .bind(lease.id)
+                    .bind(&deferred)
+                    .execute(&pool)
+                    .await
+                    .map_err(DatabaseError::new("retry"))?;
+                Ok(done.rows_affected())
+            })
+            .await
     }
 
     /// Gives rows back without using up an attempt: they leave the lease and are due again
@@ -757,34 +759,36 @@ impl Store for Postgres {
         lease: Lease,
         error: Option<&str>,
     ) -> Result<u64, DatabaseError> {
-        self.bounded("release", |pool| async move {
-            if ids.is_empty() {
-                return Ok(0);
-            }
-            let rows: i64 = sqlx::query_scalar(self.release.clone())
-                .bind(ids)
-                .bind(lease.id)
-                .bind(error)
-                .fetch_one(&pool)
-                .await
-                .map_err(DatabaseError::new("release"))?;
-            Ok(u64::try_from(rows).unwrap_or(0))
-        })
-        .await
+        self.connections
+            .bounded("release", |pool| async move {
+                if ids.is_empty() {
+                    return Ok(0);
+                }
+                let rows: i64 = sqlx::query_scalar(self.release.clone())
+                    .bind(ids)
+                    .bind(lease.id)
+                    .bind(error)
+                    .fetch_one(&pool)
+                    .await
+                    .map_err(DatabaseError::new("release"))?;
+                Ok(u64::try_from(rows).unwrap_or(0))
+            })
+            .await
     }
 
     /// Ends `lease` without an outcome for its rows (shutdown with a batch in flight): they are
     /// due again at once and no attempt is charged. Returns how many rows the lease held.
     async fn release_lease(&self, lease: Lease) -> Result<u64, DatabaseError> {
-        self.bounded("release", |pool| async move {
-            let rows: Option<i64> = sqlx::query_scalar(self.release_lease.clone())
-                .bind(lease.id)
-                .fetch_optional(&pool)
-                .await
-                .map_err(DatabaseError::new("release"))?;
-            Ok(rows.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
-        })
-        .await
+        self.connections
+            .bounded("release", |pool| async move {
+                let rows: Option<i64> = sqlx::query_scalar(self.release_lease.clone())
+                    .bind(lease.id)
+                    .fetch_optional(&pool)
+                    .await
+                    .map_err(DatabaseError::new("release"))?;
+                Ok(rows.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
+            })
+            .await
     }
 
     /// Deletes these leases if they exist: leases this instance already ended, brought back by a
@@ -792,18 +796,19 @@ impl Store for Postgres {
     /// Matched on id and expiry, so a lease that took a reused id is left alone. Returns how
     /// many came back.
     async fn forget_leases(&self, leases: &[Lease]) -> Result<u64, DatabaseError> {
-        self.bounded("forget", |pool| async move {
-            let ids: Vec<i64> = leases.iter().map(|l| l.id).collect();
-            let until: Vec<DateTime<Utc>> = leases.iter().map(|l| l.until).collect();
-            let done = sqlx::query(self.forget_leases.clone())
-                .bind(&ids)
-                .bind(&until)
-                .execute(&pool)
-                .await
-                .map_err(DatabaseError::new("forget"))?;
-            Ok(done.rows_affected())
-        })
-        .await
+        self.connections
+            .bounded("forget", |pool| async move {
+                let ids: Vec<i64> = leases.iter().map(|l| l.id).collect();
+                let until: Vec<DateTime<Utc>> = leases.iter().map(|l| l.until).collect();
+                let done = sqlx::query(self.forget_leases.clone())
+                    .bind(&ids)
+                    .bind(&until)
+                    .execute(&pool)
+                    .await
+                    .map_err(DatabaseError::new("forget"))?;
+                Ok(done.rows_affected())
+            })
+            .await
     }
 
     /// Deletes up to `limit` rows published (or, with `dead`, dead-lettered) more than `age`
@@ -815,41 +820,43 @@ impl Store for Postgres {
         age: Duration,
         limit: u32,
     ) -> Result<u64, DatabaseError> {
-        self.bounded("retention delete", |pool| async move {
-            let statement = if dead {
-                &self.delete_dead
-            } else {
-                &self.delete_published
-            };
-            let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
-            let done = sqlx::query(statement.clone())
-                .bind(age_ms)
-                .bind(i64::from(limit))
-                .bind(&self.retention_lock)
-                .execute(&pool)
-                .await
-                .map_err(DatabaseError::new("retention delete"))?;
-            Ok(done.rows_affected())
-        })
-        .await
+        self.connections
+            .bounded("retention delete", |pool| async move {
+                let statement = if dead {
+                    &self.delete_dead
+                } else {
+                    &self.delete_published
+                };
+                let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+                let done = sqlx::query(statement.clone())
+                    .bind(age_ms)
+                    .bind(i64::from(limit))
+                    .bind(&self.retention_lock)
+                    .execute(&pool)
+                    .await
+                    .map_err(DatabaseError::new("retention delete"))?;
+                Ok(done.rows_affected())
+            })
+            .await
     }
 
     /// Rows waiting to be published (not dead) and the creation time of the oldest.
     async fn pending(&self) -> Result<(i64, Option<DateTime<Utc>>), DatabaseError> {
-        self.bounded("pending count", |pool| async move {
-            let row = sqlx::query(self.pending.clone())
-                .fetch_one(&pool)
-                .await
-                .map_err(DatabaseError::new("pending count"))?;
-            let count: i64 = row
-                .try_get(0)
-                .map_err(DatabaseError::new("pending count"))?;
-            let oldest: Option<DateTime<Utc>> = row
-                .try_get(1)
-                .map_err(DatabaseError::new("pending count"))?;
-            Ok((count, oldest))
-        })
-        .await
+        self.connections
+            .bounded("pending count", |pool| async move {
+                let row = sqlx::query(self.pending.clone())
+                    .fetch_one(&pool)
+                    .await
+                    .map_err(DatabaseError::new("pending count"))?;
+                let count: i64 = row
+                    .try_get(0)
+                    .map_err(DatabaseError::new("pending count"))?;
+                let oldest: Option<DateTime<Utc>> = row
+                    .try_get(1)
+                    .map_err(DatabaseError::new("pending count"))?;
+                Ok((count, oldest))
+            })
+            .await
     }
 }
 
@@ -882,12 +889,15 @@ impl crate::broker::kafka::partitions::Ledger for TopicPartitions {
     type Error = DatabaseError;
 
     async fn recorded(&self) -> Result<std::collections::BTreeMap<String, i32>, DatabaseError> {
-        let (_, pool) = self.connections.get();
-        let rows: Vec<(String, i32)> = sqlx::query_as(self.recorded.clone())
-            .fetch_all(&pool)
+        self.connections
+            .bounded("partitions", |pool| async move {
+                let rows: Vec<(String, i32)> = sqlx::query_as(self.recorded.clone())
+                    .fetch_all(&pool)
+                    .await
+                    .map_err(DatabaseError::new("partitions"))?;
+                Ok(rows.into_iter().collect())
+            })
             .await
-            .map_err(DatabaseError::new("partitions"))?;
-        Ok(rows.into_iter().collect())
     }
 
     async fn record(
@@ -896,15 +906,18 @@ impl crate::broker::kafka::partitions::Ledger for TopicPartitions {
         partitions: i32,
         replace: bool,
     ) -> Result<(), DatabaseError> {
-        let (_, pool) = self.connections.get();
-        sqlx::query(self.record.clone())
-            .bind(topic)
-            .bind(partitions)
-            .bind(replace)
-            .execute(&pool)
+        self.connections
+            .bounded("partitions", |pool| async move {
+                sqlx::query(self.record.clone())
+                    .bind(topic)
+                    .bind(partitions)
+                    .bind(replace)
+                    .execute(&pool)
+                    .await
+                    .map_err(DatabaseError::new("partitions"))?;
+                Ok(())
+            })
             .await
-            .map_err(DatabaseError::new("partitions"))?;
-        Ok(())
     }
 }
 
@@ -1145,7 +1158,7 @@ fn decode_payload(row: &PgRow, index: usize) -> Result<Payload, sqlx::Error> {
     if raw.is_null() {
         return Ok(Payload::Absent);
     }
-    let kind = raw.type_info().name().to_owned();
+    let info = raw.type_info();
     let decode = |source| sqlx::Error::ColumnDecode {
         index: "payload".to_owned(),
         source,
@@ -1153,7 +1166,7 @@ fn decode_payload(row: &PgRow, index: usize) -> Result<Payload, sqlx::Error> {
     let bytes = raw.as_bytes().map_err(decode)?;
     let text =
         |bytes: &[u8]| String::from_utf8(bytes.to_vec()).map_err(|err| decode(Box::new(err)));
-    Ok(match (kind.as_str(), raw.format()) {
+    Ok(match (info.name(), raw.format()) {
         // The fetch is a prepared statement: its values come in binary form.
         ("BYTEA", _) => Payload::Bytes(bytes.to_vec()),
         ("JSONB", PgValueFormat::Binary) => {
@@ -1231,7 +1244,6 @@ mod tests {
             .expect("migrate");
         let store = Postgres::new(
             Connections::new(&settings),
-            settings.statement_timeout,
             &settings.table,
             &settings.columns,
             ClaimRules {

@@ -169,6 +169,14 @@ pub(crate) async fn migrate(
     .bind(table.to_string())
     .fetch_all(&mut *tx)
     .await?;
+    // The NOTIFY function (0009) is a security definer and names the awake table with its
+    // schema (the configured one, or the one the table is created in), so a caller's
+    // search_path cannot redirect it.
+    let schema: String = sqlx::query_scalar("select coalesce($1, current_schema())")
+        .bind(table.schema())
+        .fetch_one(&mut *tx)
+        .await?;
+    let awake_qualified = format!("\"{schema}\".\"{}_awake\"", table.name());
     let mut done = Vec::new();
     let adopting = !columns.is_relay_default();
     if adopting {
@@ -182,14 +190,8 @@ pub(crate) async fn migrate(
         let name = if adopting && *version <= ADOPTED_THROUGH {
             "adopted (database.columns)"
         } else {
-            // The NOTIFY function (0009) runs with a fixed search_path: it names the awake
-            // table with its schema, the configured one or the one the table is created in.
-            let schema: String = sqlx::query_scalar("select coalesce($1, current_schema())")
-                .bind(table.schema())
-                .fetch_one(&mut *tx)
-                .await?;
-            let awake = format!("\"{schema}\".\"{}_awake\"", table.name());
-            let sql = render_with(sql, table, columns).replace("{{awake_table_qualified}}", &awake);
+            let sql = render_with(sql, table, columns)
+                .replace("{{awake_table_qualified}}", &awake_qualified);
             sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *tx).await?;
             *name
         };
@@ -279,13 +281,16 @@ async fn adopt(
 struct Required {
     /// The column as the table names it.
     name: String,
-    /// Type names as `format_type` prints them, without a length (`character varying`).
+    /// Type names as `format_type` prints them, without a length or precision (`character
+    /// varying`, `timestamp with time zone`); empty: any type.
     types: &'static [&'static str],
     /// The relay relies on the column never being NULL (`check` warns otherwise).
     not_null: bool,
 }
 
 const TEXT: &[&str] = &["text", "character varying", "character"];
+/// Any type (a column sent as its text).
+const ANY: &[&str] = &[];
 const TIMESTAMP: &[&str] = &["timestamp with time zone"];
 
 /// The columns the relay needs in a table mapped by `columns`.
@@ -333,6 +338,10 @@ fn required(columns: &Columns) -> Vec<Required> {
             true,
         ));
     }
+    // sent as their text, whatever their type
+    for (header_column, _) in &columns.header_columns {
+        out.push(column(header_column, ANY, false));
+    }
     for (name, types, not_null) in [
         ("published_at", TIMESTAMP, false),
         ("attempts", &["integer"][..], true),
@@ -345,6 +354,18 @@ fn required(columns: &Columns) -> Vec<Required> {
         out.push(column(name, types, not_null));
     }
     out
+}
+
+/// A type as `format_type` prints it, without its length or precision:
+/// `character varying(255)` → `character varying`, `timestamp(3) with time zone` →
+/// `timestamp with time zone`.
+fn without_modifier(ty: &str) -> String {
+    match (ty.find('('), ty.find(')')) {
+        (Some(open), Some(close)) if open < close => {
+            format!("{}{}", &ty[..open], &ty[close + 1..])
+        }
+        _ => ty.to_owned(),
+    }
 }
 
 /// What the schema check found.
@@ -520,17 +541,7 @@ pub(crate) async fn inspect(
         mapped: if columns_mapped.is_relay_default() {
             Vec::new()
         } else {
-            columns_mapped
-                .mapped()
-                .into_iter()
-                .map(|(logical, column)| (logical, column.to_owned()))
-                .chain(
-                    columns_mapped
-                        .header_columns
-                        .iter()
-                        .map(|(column, header)| ("header", format!("{column} as {header}"))),
-                )
-                .collect()
+            columns_mapped.mapped()
         },
         extra: Vec::new(),
         has_notify_trigger,
@@ -538,11 +549,9 @@ pub(crate) async fn inspect(
     for required in &needed {
         match columns.iter().find(|(name, _, _)| *name == required.name) {
             None => inspection.missing.push(required.name.clone()),
-            // `character varying(255)`: the type without its length
             Some((_, ty, _))
-                if !required
-                    .types
-                    .contains(&ty.split('(').next().unwrap_or(ty).trim()) =>
+                if !required.types.is_empty()
+                    && !required.types.contains(&without_modifier(ty).as_str()) =>
             {
                 inspection
                     .wrong_type
@@ -555,21 +564,9 @@ pub(crate) async fn inspect(
             }
         }
     }
-    let header_columns: Vec<&str> = columns_mapped
-        .header_columns
-        .iter()
-        .map(|(column, _)| column.as_str())
-        .collect();
-    for column in &header_columns {
-        if !columns.iter().any(|(name, _, _)| name == column) {
-            inspection.missing.push((*column).to_owned());
-        }
-    }
     inspection.extra = columns
         .into_iter()
-        .filter(|(name, _, _)| {
-            !needed.iter().any(|r| r.name == *name) && !header_columns.contains(&name.as_str())
-        })
+        .filter(|(name, _, _)| !needed.iter().any(|r| r.name == *name))
         .map(|(name, _, _)| name)
         .collect();
     Ok(inspection)
@@ -601,6 +598,19 @@ mod tests {
             lease_table: "public.outbox_leases".to_owned(),
             server_version,
         }
+    }
+
+    #[test]
+    fn type_modifiers_do_not_hide_an_accepted_type() {
+        assert_eq!(
+            without_modifier("character varying(255)"),
+            "character varying"
+        );
+        assert_eq!(
+            without_modifier("timestamp(3) with time zone"),
+            "timestamp with time zone"
+        );
+        assert_eq!(without_modifier("jsonb"), "jsonb");
     }
 
     #[test]
