@@ -16,14 +16,20 @@ use clap::{Parser, Subcommand};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::broker::Inbound;
 use crate::broker::config::BrokerSettings;
+use crate::broker::kafka::consumer::KafkaConsumer;
 use crate::broker::kafka::partitions::{self, Ledger};
+use crate::broker::rabbitmq::consumer::RabbitMqConsumer;
 use crate::broker::{Broker, Producer};
 use crate::config::{Config, Settings};
+use crate::database::postgres::inbox::{self as inbox_store, PgInbox};
 use crate::database::postgres::{
     self as store, Connections, Postgres, TopicPartitions, listener, schema,
 };
 use crate::health::Health;
+use crate::inbox::config::{InboxSettings, Source};
+use crate::inbox::ingest::{self, Ingest, IngestSettings};
 use crate::outbox::relay::{Relay, Stopped};
 use crate::outbox::retention;
 use crate::outbox::store::ClaimRules;
@@ -152,9 +158,9 @@ pub fn execute(cli: Cli) -> ExitCode {
 
 /// The broker the outbox publishes to, named to the broker after the table; `None`
 /// (reported) when the client cannot be created.
-fn broker(config: &Settings) -> Option<Broker> {
+fn broker(config: &Settings, settings: &BrokerSettings) -> Option<Broker> {
     Broker::new(
-        &config.broker,
+        settings,
         config.database.layout,
         format!("outbox-relay {}", config.database.table),
     )
@@ -167,11 +173,51 @@ fn broker(config: &Settings) -> Option<Broker> {
     .ok()
 }
 
+/// The consumer the inbox takes messages from; `None` (reported) when the client cannot be
+/// created.
+fn inbound(inbox: &InboxSettings) -> Option<Inbound> {
+    match &inbox.source {
+        Source::Kafka(kafka) => match KafkaConsumer::new(kafka) {
+            Ok(consumer) => Some(Inbound::Kafka(Box::new(consumer))),
+            Err(err) => {
+                eprintln!(
+                    "error: cannot create the Kafka consumer: {}",
+                    ErrorChain(&err)
+                );
+                None
+            }
+        },
+        Source::RabbitMq(rabbit) => Some(Inbound::RabbitMq(Box::new(RabbitMqConsumer::new(
+            rabbit.clone(),
+            format!("outbox-relay inbox {}", inbox.consumer),
+        )))),
+    }
+}
+
 async fn run(config: &Settings) -> u8 {
-    let Some(broker) = broker(config) else {
-        return EXIT_RUNTIME;
+    let broker = match &config.broker {
+        Some(settings) => match broker(config, settings) {
+            Some(broker) => Some(broker),
+            None => return EXIT_RUNTIME,
+        },
+        None => None,
     };
-    let health = outbox_health(config);
+    let inbound = match &config.inbox {
+        Some(inbox) => match inbound(inbox) {
+            Some(inbound) => Some(inbound),
+            None => return EXIT_RUNTIME,
+        },
+        None => None,
+    };
+    let outbox_health = broker.as_ref().map(|_| outbox_health(config));
+    let inbox_health = config.inbox.as_ref().map(|_| inbox_health(config));
+    let mut directions = Vec::new();
+    if let Some(health) = &outbox_health {
+        directions.push(("outbox", Arc::clone(health)));
+    }
+    if let Some(health) = &inbox_health {
+        directions.push(("inbox", Arc::clone(health)));
+    }
     let shutdown = CancellationToken::new();
     let signals = match crate::runtime::shutdown::on_signal(shutdown.clone()) {
         Ok(task) => task,
@@ -192,9 +238,7 @@ async fn run(config: &Settings) -> u8 {
                     return EXIT_RUNTIME;
                 }
             };
-            match crate::health::serve(listen, Arc::clone(&health), metrics, http_stop.clone())
-                .await
-            {
+            match crate::health::serve(listen, directions, metrics, http_stop.clone()).await {
                 Ok(server) => Some(tokio::spawn(server)),
                 Err(err) => {
                     tracing::error!(error = %err, listen = %listen, "cannot start the http listener");
@@ -203,7 +247,38 @@ async fn run(config: &Settings) -> u8 {
             }
         }
     };
-    let stopped = run_outbox(config, broker, health, shutdown).await;
+    // One pool serves both directions.
+    let connections = Connections::new(&config.database);
+    let outbox = async {
+        match (broker, outbox_health) {
+            (Some(broker), Some(health)) => {
+                run_outbox(
+                    config,
+                    broker,
+                    connections.clone(),
+                    health,
+                    shutdown.clone(),
+                )
+                .await
+            }
+            _ => Stopped::Clean,
+        }
+    };
+    let inbox = async {
+        if let (Some(settings), Some(inbound), Some(health)) =
+            (&config.inbox, inbound, inbox_health)
+        {
+            run_inbox(
+                settings,
+                inbound,
+                connections.clone(),
+                health,
+                shutdown.clone(),
+            )
+            .await;
+        }
+    };
+    let (stopped, ()) = tokio::join!(outbox, inbox);
     signals.abort();
     http_stop.cancel();
     if let Some(http) = http {
@@ -219,18 +294,61 @@ async fn run(config: &Settings) -> u8 {
     }
 }
 
+/// Runs the inbox direction until `shutdown`: the ingest loop over the inbox table and
+/// `inbound`, with its housekeeping task beside it.
+async fn run_inbox(
+    settings: &InboxSettings,
+    inbound: Inbound,
+    connections: Connections,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) {
+    let store = PgInbox::new(connections, &settings.table);
+    tracing::info!(
+        table = %settings.table,
+        consumer = %settings.consumer,
+        from = %inbound,
+        batch_size = settings.batch_size,
+        "inbox started"
+    );
+    let tasks_stop = shutdown.child_token();
+    let housekeeping = tokio::spawn(ingest::housekeeping(
+        store.clone(),
+        settings.consumer.clone(),
+        settings.keep_processed,
+        Arc::clone(&health),
+        tasks_stop.clone(),
+    ));
+    let ingest = Ingest::new(
+        store,
+        inbound,
+        IngestSettings {
+            consumer: settings.consumer.clone(),
+            rules: settings.rules,
+            batch_size: settings.batch_size,
+            batch_wait: settings.batch_wait,
+        },
+        health,
+    );
+    ingest.run(&shutdown).await;
+    tasks_stop.cancel();
+    if let Err(err) = housekeeping.await {
+        tracing::error!(error = %err, "inbox housekeeping task failed");
+    }
+}
+
 /// Runs the outbox direction until `shutdown`: the relay loop over the configured database
 /// and `broker`, with the LISTEN wake-up task (when `relay.listen`) and retention beside it,
 /// stopped when the loop ends. No connection is made before the loop's first claim.
 async fn run_outbox(
     settings: &Settings,
     broker: Broker,
+    connections: Connections,
     health: Arc<Health>,
     shutdown: CancellationToken,
 ) -> Stopped {
     let database = &settings.database;
     let table = &database.table;
-    let connections = Connections::new(database);
     let store = Postgres::new(
         connections.clone(),
         table,
@@ -302,6 +420,15 @@ async fn run_outbox(
     stopped
 }
 
+/// Readiness and liveness for the inbox direction: its loop reports progress at least every
+/// second; a batch's write is bounded like any statement.
+fn inbox_health(settings: &Settings) -> Arc<Health> {
+    Arc::new(Health::new(
+        Duration::from_secs(1),
+        Health::wedged_after(Duration::ZERO, settings.database.statement_timeout),
+    ))
+}
+
 /// Readiness and liveness for the outbox direction, from its settings.
 fn outbox_health(settings: &Settings) -> Arc<Health> {
     Arc::new(Health::new(
@@ -349,17 +476,49 @@ fn describe_database(options: &sqlx::postgres::PgConnectOptions) -> String {
 }
 
 async fn migrate(config: &Settings) -> u8 {
-    let table = &config.database.table;
     let Some(mut conn) = connect_or_report(config).await else {
         return EXIT_RUNTIME;
     };
+    let mut code = 0;
+    if config.broker.is_some() {
+        code = migrate_outbox(config, &mut conn).await;
+    }
+    if let Some(inbox) = &config.inbox {
+        let table = &inbox.table;
+        match inbox_store::migrate(&mut conn, table).await {
+            Ok(done) if done.applied.is_empty() => println!(
+                "inbox table {table}: up to date (schema version {})",
+                done.current
+            ),
+            Ok(done) => {
+                let applied: Vec<String> = done.applied.iter().map(i32::to_string).collect();
+                println!(
+                    "inbox table {table}: applied migration(s) {} (schema version {}); {table}_rejected and {table}_stats beside it",
+                    applied.join(", "),
+                    done.current
+                );
+            }
+            Err(err) => {
+                eprintln!(
+                    "error: migrating inbox table {table} failed: {}",
+                    ErrorChain(&err)
+                );
+                code = EXIT_RUNTIME;
+            }
+        }
+    }
+    code
+}
+
+async fn migrate_outbox(config: &Settings, conn: &mut sqlx::PgConnection) -> u8 {
+    let table = &config.database.table;
     let trigger = if config.database.notify_trigger {
         "installed"
     } else {
         "dropped"
     };
     match schema::migrate(
-        &mut conn,
+        conn,
         table,
         &config.database.columns,
         config.database.notify_trigger,
@@ -393,22 +552,82 @@ async fn migrate(config: &Settings) -> u8 {
 }
 
 async fn status(config: &Settings, json: bool) -> u8 {
-    let table = &config.database.table;
     let Some(mut conn) = connect_or_report(config).await else {
         return EXIT_RUNTIME;
     };
-    match store::status(
-        &mut conn,
-        table,
-        &config.database.columns,
-        config.retry.parks(),
-    )
-    .await
-    {
+    let mut out = serde_json::Map::new();
+    let mut code = 0;
+    if config.broker.is_some() {
+        code = outbox_status(config, &mut conn, json, &mut out).await;
+    }
+    if let Some(inbox) = &config.inbox {
+        let table = &inbox.table;
+        match inbox_store::status(&mut conn, table, &inbox.consumer).await {
+            Ok(status) if json => {
+                out.insert(
+                    "inbox".to_owned(),
+                    serde_json::json!({
+                        "table": table.to_string(),
+                        "consumer": inbox.consumer,
+                        "status": status,
+                    }),
+                );
+            }
+            Ok(s) => {
+                println!("inbox table {table}, consumer {}", inbox.consumer);
+                println!(
+                    "  waiting    {:>10}  (not yet marked processed_at by the application)",
+                    s.waiting
+                );
+                println!("  rejected   {:>10}  (in {table}_rejected)", s.rejected);
+                println!(
+                    "  duplicates {:>10}  (redeliveries skipped)",
+                    s.duplicates_skipped
+                );
+                match s.oldest_waiting_age_s {
+                    Some(age) => println!(
+                        "  oldest waiting: {}",
+                        humantime::format_duration(Duration::from_secs(age.max(0.0) as u64))
+                    ),
+                    None => println!("  oldest waiting: none"),
+                }
+            }
+            Err(err) => {
+                let hint =
+                    if err.as_database_error().and_then(|e| e.code()).as_deref() == Some("42P01") {
+                        " (run `outbox-relay migrate`)"
+                    } else {
+                        ""
+                    };
+                eprintln!(
+                    "error: cannot read the inbox state: {}{hint}",
+                    ErrorChain(&err)
+                );
+                code = EXIT_RUNTIME;
+            }
+        }
+    }
+    if json && code == 0 {
+        println!("{}", serde_json::Value::Object(out));
+    }
+    code
+}
+
+/// The outbox part of `status`: printed, or (with `json`) added to `out` as `table` and
+/// `status`.
+async fn outbox_status(
+    config: &Settings,
+    conn: &mut sqlx::PgConnection,
+    json: bool,
+    out: &mut serde_json::Map<String, serde_json::Value>,
+) -> u8 {
+    let table = &config.database.table;
+    match store::status(conn, table, &config.database.columns, config.retry.parks()).await {
         Ok(status) if json => {
-            println!(
-                "{}",
-                serde_json::json!({ "table": table.to_string(), "status": status })
+            out.insert("table".to_owned(), table.to_string().into());
+            out.insert(
+                "status".to_owned(),
+                serde_json::to_value(status).unwrap_or_default(),
             );
             0
         }
@@ -449,7 +668,7 @@ async fn status(config: &Settings, json: bool) -> u8 {
 
 /// `outbox-relay partitions [--accept TOPIC...]`.
 async fn partitions(config: &Settings, accept: &[String]) -> u8 {
-    let BrokerSettings::Kafka { settings, .. } = &config.broker else {
+    let Some(BrokerSettings::Kafka { settings, .. }) = &config.broker else {
         eprintln!("error: partitions applies to broker.kind = \"kafka\"");
         return EXIT_CONFIG;
     };
@@ -512,6 +731,10 @@ async fn partitions(config: &Settings, accept: &[String]) -> u8 {
 
 async fn requeue(config: &Settings, which: &store::Requeue) -> u8 {
     let table = &config.database.table;
+    if config.broker.is_none() {
+        eprintln!("error: requeue applies to the outbox, and this configuration has no [broker]");
+        return EXIT_CONFIG;
+    }
     let Some(mut conn) = connect_or_report(config).await else {
         return EXIT_RUNTIME;
     };
@@ -528,12 +751,28 @@ async fn requeue(config: &Settings, which: &store::Requeue) -> u8 {
 }
 
 async fn check(config: &Settings) -> u8 {
-    let table = &config.database.table;
-    let Some(broker) = broker(config) else {
-        return EXIT_RUNTIME;
-    };
-    println!("config: ok (table {table}, broker {})", broker.name());
     let mut healthy = true;
+    let broker = match &config.broker {
+        Some(settings) => match broker(config, settings) {
+            Some(broker) => Some(broker),
+            None => return EXIT_RUNTIME,
+        },
+        None => None,
+    };
+    match &broker {
+        Some(broker) => println!(
+            "config: ok (table {}, broker {})",
+            config.database.table,
+            broker.name()
+        ),
+        None => println!("config: ok (no [broker]: the outbox relay does not run)"),
+    }
+    if let Some(inbox) = &config.inbox {
+        println!(
+            "config: inbox table {}, consumer {}",
+            inbox.table, inbox.consumer
+        );
+    }
 
     match connect(config).await {
         Ok(mut conn) => {
@@ -541,23 +780,20 @@ async fn check(config: &Settings) -> u8 {
                 "database: connected to {}",
                 describe_database(&config.database.connect)
             );
-            match schema::inspect(&mut conn, table, &config.database.columns).await {
-                Ok(found) => {
-                    println!("{found}");
-                    if !found.is_usable() {
+            if broker.is_some() {
+                healthy &= check_outbox_table(config, &mut conn).await;
+            }
+            if let Some(inbox) = &config.inbox {
+                match inbox_store::status(&mut conn, &inbox.table, &inbox.consumer).await {
+                    Ok(_) => println!("inbox table {}: ok", inbox.table),
+                    Err(err) => {
                         eprintln!(
-                            "error: the outbox table cannot be used by the relay (see above)"
+                            "error: inbox table {} cannot be used: {} (run `outbox-relay migrate`)",
+                            inbox.table,
+                            ErrorChain(&err)
                         );
                         healthy = false;
-                    } else if config.relay.listen && !found.has_notify_trigger {
-                        println!(
-                            "warning: relay.listen = true but the NOTIFY trigger is absent; the relay will rely on polling (run `outbox-relay migrate`)"
-                        );
                     }
-                }
-                Err(err) => {
-                    eprintln!("error: {}", ErrorChain(&err));
-                    healthy = false;
                 }
             }
         }
@@ -568,7 +804,7 @@ async fn check(config: &Settings) -> u8 {
     }
 
     match &broker {
-        Broker::Kafka(kafka) => match kafka.probe(CONNECT_TIMEOUT).await {
+        Some(Broker::Kafka(kafka)) => match kafka.probe(CONNECT_TIMEOUT).await {
             Ok(brokers) => println!(
                 "kafka: reachable, {} broker(s): {}",
                 brokers.len(),
@@ -579,14 +815,93 @@ async fn check(config: &Settings) -> u8 {
                 healthy = false;
             }
         },
-        Broker::Discard => println!("broker: discard (nothing is sent; rows are only marked)"),
-        Broker::RabbitMq(rabbit) => match rabbit.probe(CONNECT_TIMEOUT).await {
+        Some(Broker::Discard) => {
+            println!("broker: discard (nothing is sent; rows are only marked)");
+        }
+        Some(Broker::RabbitMq(rabbit)) => match rabbit.probe(CONNECT_TIMEOUT).await {
             Ok(()) => println!("rabbitmq: reachable, confirm channel open"),
             Err(err) => {
                 eprintln!("error: rabbitmq not reachable: {}", ErrorChain(&err));
                 healthy = false;
             }
         },
+        None => {}
+    }
+    if let Some(inbox) = &config.inbox {
+        healthy &= check_inbox_source(inbox).await;
     }
     if healthy { 0 } else { EXIT_RUNTIME }
+}
+
+/// `check` for the outbox table; whether it is usable.
+async fn check_outbox_table(config: &Settings, conn: &mut sqlx::PgConnection) -> bool {
+    match schema::inspect(conn, &config.database.table, &config.database.columns).await {
+        Ok(found) => {
+            println!("{found}");
+            if !found.is_usable() {
+                eprintln!("error: the outbox table cannot be used by the relay (see above)");
+                return false;
+            }
+            if config.relay.listen && !found.has_notify_trigger {
+                println!(
+                    "warning: relay.listen = true but the NOTIFY trigger is absent; the relay will rely on polling (run `outbox-relay migrate`)"
+                );
+            }
+            true
+        }
+        Err(err) => {
+            eprintln!("error: {}", ErrorChain(&err));
+            false
+        }
+    }
+}
+
+/// `check` for the inbox's topics or queues: each must exist (the inbox declares none).
+async fn check_inbox_source(inbox: &InboxSettings) -> bool {
+    match &inbox.source {
+        Source::Kafka(kafka) => match KafkaConsumer::topics(kafka, CONNECT_TIMEOUT).await {
+            Ok(topics) => {
+                let mut ok = true;
+                for (topic, partitions) in topics {
+                    match partitions {
+                        Some(n) => println!("inbox kafka topic {topic}: {n} partition(s)"),
+                        None => {
+                            eprintln!(
+                                "error: inbox kafka topic {topic} does not exist (the inbox consumes existing topics and creates none)"
+                            );
+                            ok = false;
+                        }
+                    }
+                }
+                ok
+            }
+            Err(err) => {
+                eprintln!(
+                    "error: inbox kafka brokers not reachable: {}",
+                    ErrorChain(&err)
+                );
+                false
+            }
+        },
+        Source::RabbitMq(rabbit) => match RabbitMqConsumer::queues(rabbit.clone()).await {
+            Ok(queues) => {
+                let mut ok = true;
+                for (queue, found) in queues {
+                    if found {
+                        println!("inbox rabbitmq queue {queue}: exists");
+                    } else {
+                        eprintln!(
+                            "error: inbox rabbitmq queue {queue} does not exist (the inbox consumes existing queues and declares none)"
+                        );
+                        ok = false;
+                    }
+                }
+                ok
+            }
+            Err(err) => {
+                eprintln!("error: inbox rabbitmq not reachable: {}", ErrorChain(&err));
+                false
+            }
+        },
+    }
 }

@@ -111,6 +111,12 @@ impl Health {
         }
     }
 
+    /// The loop made progress without touching the database (an inbox waiting for messages).
+    pub(crate) fn progress(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.last_progress_ms.store(now, Ordering::Relaxed);
+    }
+
     /// The broker is back (`None`), or unavailable with this error.
     pub(crate) fn broker(&self, error: Option<&str>) {
         self.broker_ok.store(error.is_none(), Ordering::Relaxed);
@@ -144,17 +150,45 @@ impl Health {
     }
 }
 
+/// The health of each direction the process runs (`outbox`, `inbox`), by name.
+pub(crate) type Directions = Vec<(&'static str, Arc<Health>)>;
+
 #[derive(Clone)]
 struct AppState {
-    health: Arc<Health>,
+    health: Arc<Directions>,
     metrics: PrometheusHandle,
+}
+
+/// `Ok` when every direction is, otherwise each failing one's reason, prefixed with its name
+/// when the process runs more than one.
+fn combined(
+    directions: &Directions,
+    check: impl Fn(&Health) -> Result<(), String>,
+) -> Result<(), String> {
+    let failures: Vec<String> = directions
+        .iter()
+        .filter_map(|(name, health)| {
+            check(health).err().map(|reason| {
+                if directions.len() > 1 {
+                    format!("{name}: {reason}")
+                } else {
+                    reason
+                }
+            })
+        })
+        .collect();
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("; "))
+    }
 }
 
 /// Binds `addr` (an error here is reported before the relay starts) and returns the server
 /// future, which runs until `shutdown`.
 pub(crate) async fn serve(
     addr: SocketAddr,
-    health: Arc<Health>,
+    health: Directions,
     metrics: PrometheusHandle,
     shutdown: CancellationToken,
 ) -> std::io::Result<impl Future<Output = std::io::Result<()>>> {
@@ -164,7 +198,10 @@ pub(crate) async fn serve(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
-        .with_state(AppState { health, metrics });
+        .with_state(AppState {
+            health: Arc::new(health),
+            metrics,
+        });
     Ok(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -173,14 +210,14 @@ pub(crate) async fn serve(
 }
 
 async fn healthz(State(state): State<AppState>) -> (StatusCode, String) {
-    match state.health.liveness() {
+    match combined(&state.health, Health::liveness) {
         Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
         Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
     }
 }
 
 async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
-    match state.health.readiness() {
+    match combined(&state.health, Health::readiness) {
         Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -211,6 +248,25 @@ mod tests {
         assert!(reason.contains("wedged"), "{reason}");
         health.oldest_work(None);
         assert!(health.liveness().is_ok(), "the work ended");
+    }
+
+    #[test]
+    fn with_both_directions_each_failure_names_its_direction() {
+        let outbox = Arc::new(Health::new(Duration::from_secs(1), Duration::from_secs(60)));
+        let inbox = Arc::new(Health::new(Duration::from_secs(1), Duration::from_secs(60)));
+        outbox.database(true);
+        inbox.database(true);
+        let both: Directions = vec![
+            ("outbox", Arc::clone(&outbox)),
+            ("inbox", Arc::clone(&inbox)),
+        ];
+        assert!(combined(&both, Health::readiness).is_ok());
+        inbox.broker(Some("connection refused"));
+        let reason = combined(&both, Health::readiness).unwrap_err();
+        assert_eq!(reason, "inbox: broker unavailable: connection refused");
+        let one: Directions = vec![("inbox", inbox)];
+        let reason = combined(&one, Health::readiness).unwrap_err();
+        assert_eq!(reason, "broker unavailable: connection refused");
     }
 
     #[test]

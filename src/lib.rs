@@ -50,6 +50,7 @@ pub mod config;
 pub(crate) mod constraint;
 pub(crate) mod database;
 pub mod health;
+pub(crate) mod inbox;
 pub(crate) mod outbox;
 pub mod runtime;
 pub mod telemetry;

@@ -159,6 +159,20 @@ pub mod metric {
     pub const TOPICS_PAUSED: &str = "outbox_relay_topics_paused";
     /// Gauge: 1 while `/readyz` would answer ready.
     pub const READY: &str = "outbox_relay_ready";
+    /// Counter, labels `consumer`, `result` (`inserted`, `duplicate`, `rejected`): messages the
+    /// inbox wrote.
+    pub const INBOX_MESSAGES: &str = "outbox_relay_inbox_messages_total";
+    /// Counter, labels `consumer`, `reason` (`no_event_id`, `bad_event_id`, `too_large`,
+    /// `refused_by_database`): messages recorded in the rejected table.
+    pub const INBOX_REJECTED: &str = "outbox_relay_inbox_rejected_total";
+    /// Histogram, label `consumer`: messages per inbox transaction.
+    pub const INBOX_BATCH_SIZE: &str = "outbox_relay_inbox_batch_size";
+    /// Histogram, label `consumer`: time to write a batch durably (retries included).
+    pub const INBOX_WRITE_DURATION: &str = "outbox_relay_inbox_write_duration_seconds";
+    /// Gauge, label `consumer`: rows the application has not marked processed (every 10 s).
+    pub const INBOX_WAITING_ROWS: &str = "outbox_relay_inbox_waiting_rows";
+    /// Gauge, label `consumer`: age of the oldest of them.
+    pub const INBOX_OLDEST_WAITING_AGE: &str = "outbox_relay_inbox_oldest_waiting_age_seconds";
 }
 
 /// Installs the global Prometheus recorder; metrics macros are no-ops without it.

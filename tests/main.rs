@@ -6,6 +6,7 @@
 mod cli;
 mod cloudevents;
 mod faults;
+mod inbox;
 mod layouts;
 mod operability;
 mod relay_kafka;

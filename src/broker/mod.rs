@@ -7,6 +7,7 @@
 
 pub(crate) mod cloudevents;
 pub(crate) mod config;
+pub(crate) mod consumer;
 pub(crate) mod kafka;
 pub(crate) mod rabbitmq;
 pub(crate) mod template;
@@ -438,6 +439,65 @@ impl Allowed {
 }
 
 /// Generated rows for property tests: any Unicode, lengths around protocol limits, any JSON.
+/// The configured broker the inbox consumes from.
+#[derive(Debug)]
+pub(crate) enum Inbound {
+    Kafka(Box<kafka::consumer::KafkaConsumer>),
+    RabbitMq(Box<rabbitmq::consumer::RabbitMqConsumer>),
+}
+
+impl Inbound {
+    /// `kafka` or `rabbitmq`, for logs and the `from` metric label.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Self::Kafka(_) => "kafka",
+            Self::RabbitMq(_) => "rabbitmq",
+        }
+    }
+}
+
+impl fmt::Display for Inbound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl consumer::Consumer for Inbound {
+    async fn next(
+        &mut self,
+        wait: Duration,
+    ) -> Result<Option<consumer::Delivery>, consumer::ConsumeError> {
+        match self {
+            Self::Kafka(kafka) => kafka.next(wait).await,
+            Self::RabbitMq(rabbit) => rabbit.next(wait).await,
+        }
+    }
+
+    async fn acknowledge(
+        &mut self,
+        receipts: &[consumer::Receipt],
+    ) -> Result<(), consumer::ConsumeError> {
+        match self {
+            Self::Kafka(kafka) => kafka.acknowledge(receipts).await,
+            Self::RabbitMq(rabbit) => rabbit.acknowledge(receipts).await,
+        }
+    }
+
+    async fn reconnect(&mut self) -> Result<(), consumer::ConsumeError> {
+        match self {
+            Self::Kafka(kafka) => kafka.reconnect().await,
+            Self::RabbitMq(rabbit) => rabbit.reconnect().await,
+        }
+    }
+
+    async fn close(&mut self) {
+        match self {
+            Self::Kafka(kafka) => kafka.close().await,
+            Self::RabbitMq(rabbit) => rabbit.close().await,
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod arbitrary {
     use crate::outbox::OutboxRow;

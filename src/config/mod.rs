@@ -26,6 +26,7 @@ use crate::constraint::{read_secret, resolve_url};
 use crate::broker::config::{BrokerConfig, BrokerSettings};
 use crate::database::postgres::config::{DatabaseConfig, DatabaseSettings};
 use crate::health::HttpConfig;
+use crate::inbox::config::{InboxConfig, InboxSettings};
 use crate::outbox::config::{RelayConfig, RetentionConfig, RetryConfig, RetryPolicy};
 use crate::telemetry::{LogConfig, LogSettings};
 
@@ -45,9 +46,12 @@ pub struct Config {
     /// What happens to a row whose publish failed.
     #[serde(default)]
     pub retry: RetryConfig,
-    /// Which broker events go to. Also accepted as `[sink]`, its name until 2026-12.
+    /// Which broker events go to. Also accepted as `[sink]`, its name until 2026-12. Absent:
+    /// no outbox relay runs (then `[inbox]` is required).
     #[serde(alias = "sink")]
-    pub broker: BrokerConfig,
+    pub broker: Option<BrokerConfig>,
+    /// The consumer half: messages from a broker into the inbox table. Absent: no inbox runs.
+    pub inbox: Option<InboxConfig>,
     /// Log output.
     #[serde(default)]
     pub log: LogConfig,
@@ -65,7 +69,10 @@ pub struct Settings {
     pub(crate) database: DatabaseSettings,
     pub(crate) relay: RelayConfig,
     pub(crate) retry: RetryPolicy,
-    pub(crate) broker: BrokerSettings,
+    /// `[broker]`; `None`: the outbox direction does not run.
+    pub(crate) broker: Option<BrokerSettings>,
+    /// `[inbox]`; `None`: the inbox direction does not run.
+    pub(crate) inbox: Option<InboxSettings>,
     pub(crate) retention: RetentionConfig,
     /// `[log]`; taken by `telemetry::init`.
     pub(crate) log: Option<LogSettings>,
@@ -110,30 +117,27 @@ impl Config {
             self.database.url_file.as_deref(),
             "database.url",
         )?;
-        if let Some(rabbit) = &mut self.broker.rabbitmq {
+        let broker = self.broker.as_mut();
+        if let Some(rabbit) = broker.and_then(|b| b.rabbitmq.as_mut()) {
             resolve_url(
                 &mut rabbit.url,
                 rabbit.url_file.as_deref(),
                 "broker.rabbitmq.url",
             )?;
         }
-        if let Some(kafka) = &mut self.broker.kafka {
-            let files: Vec<(String, String)> = kafka
-                .properties
-                .iter()
-                .filter(|(k, _)| k.ends_with("_file"))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            for (key, path) in files {
-                kafka.properties.remove(&key);
-                let property = key.trim_end_matches("_file").to_owned();
-                let value = read_secret(
-                    Path::new(&path),
-                    &format!("broker.kafka.properties.\"{key}\""),
+        if let Some(kafka) = self.broker.as_mut().and_then(|b| b.kafka.as_mut()) {
+            property_files(&mut kafka.properties, "broker.kafka")?;
+        }
+        if let Some(inbox) = &mut self.inbox {
+            if let Some(rabbit) = &mut inbox.rabbitmq {
+                resolve_url(
+                    &mut rabbit.url,
+                    rabbit.url_file.as_deref(),
+                    "inbox.rabbitmq.url",
                 )?;
-                kafka
-                    .properties
-                    .insert(property, value.expose_secret().to_owned());
+            }
+            if let Some(kafka) = &mut inbox.kafka {
+                property_files(&mut kafka.properties, "inbox.kafka")?;
             }
         }
         Ok(())
@@ -145,7 +149,22 @@ impl Config {
         let database = self.database.validate()?;
         let relay = self.relay.validate()?;
         let retry = self.retry.validate()?;
-        let broker = self.broker.validate(relay.lease_duration)?;
+        if self.broker.is_none() && self.inbox.is_none() {
+            return Err(crate::constraint::invalid(
+                "broker",
+                "or [inbox] is required: [broker] runs the outbox relay, [inbox] the consumer half, both run both",
+            ));
+        }
+        let broker = self
+            .broker
+            .as_ref()
+            .map(|b| b.validate(relay.lease_duration))
+            .transpose()?;
+        let inbox = self
+            .inbox
+            .as_ref()
+            .map(|i| i.validate(broker.as_ref().map(|_| &database.table)))
+            .transpose()?;
         let retention = self.retention.validate()?;
         let log = self.log.validate()?;
         Ok(Settings {
@@ -153,11 +172,32 @@ impl Config {
             relay,
             retry,
             broker,
+            inbox,
             retention,
             log: Some(log),
             http: self.http.as_ref().map(|http| http.listen),
         })
     }
+}
+
+/// Replaces each `<property>_file` key of `properties` with `<property>` and the file's content
+/// (`section` names the keys in errors).
+fn property_files(
+    properties: &mut std::collections::BTreeMap<String, String>,
+    section: &str,
+) -> Result<(), ConfigError> {
+    let files: Vec<(String, String)> = properties
+        .iter()
+        .filter(|(k, _)| k.ends_with("_file"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (key, path) in files {
+        properties.remove(&key);
+        let property = key.trim_end_matches("_file").to_owned();
+        let value = read_secret(Path::new(&path), &format!("{section}.properties.\"{key}\""))?;
+        properties.insert(property, value.expose_secret().to_owned());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -191,6 +231,83 @@ mod tests {
         [broker.kafka]
         brokers = "127.0.0.1:9092"
     "#;
+
+    const INBOX_ONLY: &str = r#"
+        [database]
+        url = "postgres://postgres@127.0.0.1:5432/app"
+        [inbox]
+        consumer = "billing"
+        from = "kafka"
+        [inbox.kafka]
+        brokers = "127.0.0.1:9092"
+        topics = ["outbox.event.order"]
+    "#;
+
+    #[test]
+    fn an_inbox_alone_is_a_configuration_and_neither_direction_is_refused_naming_broker() {
+        let (config, settings) = parse_with_settings(INBOX_ONLY).expect("inbox only is valid");
+        assert!(config.broker.is_none() && settings.broker.is_none());
+        let inbox = settings.inbox.expect("inbox settings");
+        assert_eq!(inbox.table.to_string(), "inbox");
+        assert_eq!(inbox.batch_size, 1000);
+        assert_eq!(inbox.rules.max_message_bytes, 16 * 1024 * 1024);
+        assert_eq!(
+            inbox.keep_processed,
+            Some(Duration::from_secs(7 * 24 * 3600))
+        );
+        match inbox.source {
+            crate::inbox::config::Source::Kafka(kafka) => assert_eq!(kafka.group_id, "billing"),
+            other => panic!("{other:?}"),
+        }
+        let neither = "[database]\nurl = \"postgres://postgres@127.0.0.1:5432/app\"\n";
+        let err = ErrorChain(&parse(neither).unwrap_err()).to_string();
+        assert!(err.contains("`broker` or [inbox] is required"), "{err}");
+    }
+
+    #[test]
+    fn inbox_keys_are_checked_naming_the_key() {
+        for (change, key) in [
+            (("from = \"kafka\"", "from = \"rabbitmq\""), "inbox.kafka"),
+            (
+                ("consumer = \"billing\"", "consumer = \"\""),
+                "inbox.consumer",
+            ),
+            (
+                ("topics = [\"outbox.event.order\"]", "topics = []"),
+                "inbox.kafka.topics",
+            ),
+            (
+                (
+                    "consumer = \"billing\"",
+                    "consumer = \"billing\"\nbatch_size = 0",
+                ),
+                "inbox.batch_size",
+            ),
+            (
+                (
+                    "topics = [",
+                    "properties = { \"enable.auto.commit\" = \"true\" }\ntopics = [",
+                ),
+                "inbox.kafka.properties.\"enable.auto.commit\"",
+            ),
+            (
+                (
+                    "brokers = \"127.0.0.1:9092\"",
+                    "brokers = \"kafka.internal:9092\"",
+                ),
+                "inbox.kafka.properties.\"security.protocol\"",
+            ),
+        ] {
+            let toml = INBOX_ONLY.replacen(change.0, change.1, 1);
+            let err = ErrorChain(&parse(&toml).unwrap_err()).to_string();
+            assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
+        }
+        let same_table = format!(
+            "{MINIMAL}\n[inbox]\ntable = \"outbox\"\nconsumer = \"b\"\nfrom = \"kafka\"\n[inbox.kafka]\nbrokers = \"127.0.0.1:9092\"\ntopics = [\"t\"]\n"
+        );
+        let err = ErrorChain(&parse(&same_table).unwrap_err()).to_string();
+        assert!(err.contains("`inbox.table` must differ"), "{err}");
+    }
 
     #[test]
     fn minimal_config_gets_documented_defaults() {
@@ -341,9 +458,9 @@ mod tests {
     fn reference_file_is_valid_and_complete() {
         let text = include_str!("../../config/outbox-relay.toml");
         let config = parse(text).expect("the reference config must be valid");
-        assert_eq!(config.broker.kind, BrokerKind::Kafka);
+        assert_eq!(config.broker.as_ref().unwrap().kind, BrokerKind::Kafka);
         assert!(
-            config.broker.rabbitmq.is_some(),
+            config.broker.as_ref().unwrap().rabbitmq.is_some(),
             "reference documents [broker.rabbitmq]"
         );
         // Keys the file documents: `key = ...` lines, set or commented out, under their
@@ -402,7 +519,7 @@ mod tests {
             "{MINIMAL}\n[broker.kafka.properties]\ncompression.type = \"lz4\"\nlinger.ms = 10\n"
         );
         let config = parse(&toml).expect("valid");
-        let props = &config.broker.kafka.unwrap().properties;
+        let props = &config.broker.unwrap().kafka.unwrap().properties;
         assert_eq!(
             props.get("compression.type").map(String::as_str),
             Some("lz4")
@@ -511,8 +628,11 @@ mod tests {
             .replace("[broker]", "[sink]")
             .replace("[broker.kafka]", "[sink.kafka]");
         let (config, settings) = parse_with_settings(&old).expect("[sink] still loads");
-        assert_eq!(config.broker.kind, BrokerKind::Kafka);
-        assert!(matches!(settings.broker, BrokerSettings::Kafka { .. }));
+        assert_eq!(config.broker.as_ref().unwrap().kind, BrokerKind::Kafka);
+        assert!(matches!(
+            settings.broker,
+            Some(BrokerSettings::Kafka { .. })
+        ));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod inbox;
 pub mod kafka;
 pub mod oracle;
 pub mod postgres;

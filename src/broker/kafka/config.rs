@@ -192,13 +192,63 @@ const KAFKA_ALLOWED: &[&str] = &[
     "resolve.canonical.bootstrap.servers.only",
 ];
 
-fn kafka_allowed(key: &str) -> bool {
-    KAFKA_ALLOWED
-        .iter()
-        .any(|pattern| match pattern.strip_suffix('*') {
-            Some(prefix) => key.starts_with(prefix),
-            None => key == *pattern,
-        })
+/// The checks every Kafka client's passthrough properties get, producer and consumer alike
+/// (`section` is where they are written): no plaintext to a remote broker unless allowed, none
+/// of `owned`, nothing that loads code, only what `allowed` lists (exact names and `prefix*`).
+pub(crate) fn check_passthrough(
+    section: &str,
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    allow_insecure_transport: bool,
+    owned: &[&str],
+    allowed: &[&str],
+) -> Result<(), ConfigError> {
+    let protocol = properties
+        .get("security.protocol")
+        .map_or("plaintext".to_owned(), |p| p.to_ascii_lowercase());
+    if !matches!(protocol.as_str(), "ssl" | "sasl_ssl") && !allow_insecure_transport {
+        let remote = brokers
+            .split(',')
+            .map(str::trim)
+            .filter(|b| !b.is_empty())
+            .find(|b| !is_loopback(host_of(b)));
+        if let Some(broker) = remote {
+            return Err(invalid(
+                format!("{section}.properties.\"security.protocol\""),
+                format!(
+                    "is {protocol}, which sends events and credentials unencrypted to {broker}; use ssl or sasl_ssl, or set {section}.allow_insecure_transport = true"
+                ),
+            ));
+        }
+    }
+    for key in properties.keys() {
+        let name = || format!("{section}.properties.\"{key}\"");
+        if owned.contains(&key.as_str()) {
+            return Err(invalid(
+                name(),
+                "is set by the relay (from its own keys) and cannot be overridden",
+            ));
+        }
+        if KAFKA_FORBIDDEN.contains(&key.as_str()) {
+            return Err(invalid(
+                name(),
+                "is refused: it loads code or runs a command",
+            ));
+        }
+        let listed = allowed
+            .iter()
+            .any(|pattern| match pattern.strip_suffix('*') {
+                Some(prefix) => key.starts_with(prefix),
+                None => key == pattern,
+            });
+        if !listed {
+            return Err(invalid(
+                name(),
+                "is not in the passthrough allow-list (see README)",
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl KafkaConfig {
@@ -213,46 +263,16 @@ impl KafkaConfig {
             ));
         }
         let topic = Template::parse(&self.topic).map_err(|c| invalid("broker.kafka.topic", c))?;
-        let protocol = self
-            .properties
-            .get("security.protocol")
-            .map_or("plaintext".to_owned(), |p| p.to_ascii_lowercase());
-        if !matches!(protocol.as_str(), "ssl" | "sasl_ssl") && !self.allow_insecure_transport {
-            let remote = self
-                .brokers
-                .split(',')
-                .map(str::trim)
-                .filter(|b| !b.is_empty())
-                .find(|b| !is_loopback(host_of(b)));
-            if let Some(broker) = remote {
-                return Err(invalid(
-                    "broker.kafka.properties.\"security.protocol\"",
-                    format!(
-                        "is {protocol}, which sends events and credentials unencrypted to {broker}; use ssl or sasl_ssl, or set broker.kafka.allow_insecure_transport = true"
-                    ),
-                ));
-            }
-        }
+        check_passthrough(
+            "broker.kafka",
+            &self.brokers,
+            &self.properties,
+            self.allow_insecure_transport,
+            KAFKA_OWNED,
+            KAFKA_ALLOWED,
+        )?;
         for (key, value) in &self.properties {
             let name = || format!("broker.kafka.properties.\"{key}\"");
-            if KAFKA_OWNED.contains(&key.as_str()) {
-                return Err(invalid(
-                    name(),
-                    "is set from broker.kafka.brokers and cannot be overridden",
-                ));
-            }
-            if KAFKA_FORBIDDEN.contains(&key.as_str()) {
-                return Err(invalid(
-                    name(),
-                    "is refused: it loads code or runs a command",
-                ));
-            }
-            if !kafka_allowed(key) {
-                return Err(invalid(
-                    name(),
-                    "is not in the passthrough allow-list (producer, network, TLS and SASL settings; see README)",
-                ));
-            }
             if let Some((_, required)) = KAFKA_GUARDED.iter().find(|(k, _)| k == key) {
                 let same =
                     value.eq_ignore_ascii_case(required) || (*required == "all" && value == "-1");
@@ -329,7 +349,7 @@ enum PropertyValue {
 }
 
 /// Flattens `{compression: {type: "lz4"}}` into `{"compression.type": "lz4"}`.
-fn flat_properties<'de, D: serde::Deserializer<'de>>(
+pub(crate) fn flat_properties<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<BTreeMap<String, String>, D::Error> {
     fn flatten(prefix: &str, value: PropertyValue, out: &mut BTreeMap<String, String>) {

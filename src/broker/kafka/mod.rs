@@ -2,6 +2,7 @@
 //! property policy are in [`config`].
 
 pub(crate) mod config;
+pub(crate) mod consumer;
 pub(crate) mod partitions;
 
 use std::fmt;

@@ -95,50 +95,12 @@ impl RabbitMqConfig {
     /// Checks the section, reads the TLS files it names, and parses it; `lease` is
     /// `relay.lease_duration`, which must cover two confirm timeouts.
     pub(crate) fn validate(&self, lease: Duration) -> Result<RabbitMqSettings, ConfigError> {
-        let url = self
-            .url
-            .as_ref()
-            .ok_or_else(|| {
-                invalid(
-                    "broker.rabbitmq.url",
-                    "is required (or broker.rabbitmq.url_file)",
-                )
-            })?
-            .expose_secret();
-        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-            return Err(invalid(
-                "broker.rabbitmq.url",
-                "must be an amqp:// or amqps:// URL",
-            ));
-        }
-        let Ok(uri) = lapin::uri::AMQPUri::from_str(url) else {
-            // The parse error may quote the URL, password included: do not pass it on.
-            return Err(invalid("broker.rabbitmq.url", "is not a valid AMQP URL"));
-        };
-        let plaintext = uri.scheme == lapin::uri::AMQPScheme::AMQP;
-        if plaintext && !self.allow_insecure_transport && !is_loopback(&uri.authority.host) {
-            return Err(invalid(
-                "broker.rabbitmq.url",
-                format!(
-                    "is amqp:// (plaintext) to {}; use amqps://, or set broker.rabbitmq.allow_insecure_transport = true",
-                    uri.authority.host
-                ),
-            ));
-        }
-        if let Some(tls) = &self.tls {
-            if plaintext {
-                return Err(invalid(
-                    "broker.rabbitmq.tls",
-                    "needs an amqps:// URL in broker.rabbitmq.url",
-                ));
-            }
-            if tls.cert_file.is_some() != tls.key_file.is_some() {
-                return Err(invalid(
-                    "broker.rabbitmq.tls.cert_file",
-                    "and broker.rabbitmq.tls.key_file must be given together",
-                ));
-            }
-        }
+        let (url, tls) = connection(
+            "broker.rabbitmq",
+            self.url.as_ref(),
+            self.allow_insecure_transport,
+            self.tls.as_ref(),
+        )?;
         let exchange =
             Template::parse(&self.exchange).map_err(|c| invalid("broker.rabbitmq.exchange", c))?;
         let routing_key = Template::parse(&self.routing_key)
@@ -160,42 +122,83 @@ impl RabbitMqConfig {
             ));
         }
         Ok(RabbitMqSettings {
-            url: SecretString::from(url.to_owned()),
+            url,
             exchange,
             routing_key,
             declare_exchange: self.declare_exchange,
             confirm_timeout: self.confirm_timeout,
-            tls: self.read_tls()?,
+            tls,
         })
     }
+}
 
-    /// Reads the TLS files named in `[broker.rabbitmq.tls]`; an unreadable file is a
-    /// configuration error naming its key.
-    fn read_tls(&self) -> Result<OwnedTLSConfig, ConfigError> {
-        let read = |key: &str, path: &std::path::Path| {
-            std::fs::read(path).map_err(|err| {
-                invalid(
-                    format!("broker.rabbitmq.tls.{key}"),
-                    format!("cannot be read ({}): {err}", path.display()),
-                )
-            })
-        };
-        let mut tls = OwnedTLSConfig::default();
-        if let Some(files) = &self.tls {
-            if let Some(path) = &files.ca_file {
-                let pem = read("ca_file", path)?;
-                tls.cert_chain =
-                    Some(String::from_utf8(pem).map_err(|_| {
-                        invalid("broker.rabbitmq.tls.ca_file", "must be a PEM file")
-                    })?);
-            }
-            if let (Some(cert), Some(key)) = (&files.cert_file, &files.key_file) {
-                tls.identity = Some(lapin::tcp::OwnedIdentity::PKCS8 {
-                    pem: read("cert_file", cert)?,
-                    key: read("key_file", key)?,
-                });
-            }
-        }
-        Ok(tls)
+/// The URL and TLS keys every AMQP client section has (`section` is where they are written:
+/// `broker.rabbitmq`, `inbox.rabbitmq`), checked: an `amqp://` or `amqps://` URL, no plaintext
+/// to a remote host unless allowed, TLS files read (an unreadable file names its key).
+pub(crate) fn connection(
+    section: &str,
+    url: Option<&SecretString>,
+    allow_insecure_transport: bool,
+    tls: Option<&AmqpTlsConfig>,
+) -> Result<(SecretString, OwnedTLSConfig), ConfigError> {
+    let key = format!("{section}.url");
+    let url = url
+        .ok_or_else(|| invalid(&key, format!("is required (or {section}.url_file)")))?
+        .expose_secret();
+    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+        return Err(invalid(&key, "must be an amqp:// or amqps:// URL"));
     }
+    let Ok(uri) = lapin::uri::AMQPUri::from_str(url) else {
+        // The parse error may quote the URL, password included: do not pass it on.
+        return Err(invalid(&key, "is not a valid AMQP URL"));
+    };
+    let plaintext = uri.scheme == lapin::uri::AMQPScheme::AMQP;
+    if plaintext && !allow_insecure_transport && !is_loopback(&uri.authority.host) {
+        return Err(invalid(
+            &key,
+            format!(
+                "is amqp:// (plaintext) to {}; use amqps://, or set {section}.allow_insecure_transport = true",
+                uri.authority.host
+            ),
+        ));
+    }
+    if let Some(tls) = tls {
+        if plaintext {
+            return Err(invalid(
+                format!("{section}.tls"),
+                format!("needs an amqps:// URL in {section}.url"),
+            ));
+        }
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            return Err(invalid(
+                format!("{section}.tls.cert_file"),
+                format!("and {section}.tls.key_file must be given together"),
+            ));
+        }
+    }
+    let read = |name: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|err| {
+            invalid(
+                format!("{section}.tls.{name}"),
+                format!("cannot be read ({}): {err}", path.display()),
+            )
+        })
+    };
+    let mut owned = OwnedTLSConfig::default();
+    if let Some(files) = tls {
+        if let Some(path) = &files.ca_file {
+            let pem = read("ca_file", path)?;
+            owned.cert_chain =
+                Some(String::from_utf8(pem).map_err(|_| {
+                    invalid(format!("{section}.tls.ca_file"), "must be a PEM file")
+                })?);
+        }
+        if let (Some(cert), Some(key)) = (&files.cert_file, &files.key_file) {
+            owned.identity = Some(lapin::tcp::OwnedIdentity::PKCS8 {
+                pem: read("cert_file", cert)?,
+                key: read("key_file", key)?,
+            });
+        }
+    }
+    Ok((SecretString::from(url.to_owned()), owned))
 }

@@ -13,6 +13,7 @@
 //! are sent again on a fresh channel without losing an attempt.
 
 pub(crate) mod config;
+pub(crate) mod consumer;
 
 use std::collections::HashSet;
 use std::fmt;

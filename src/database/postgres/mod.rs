@@ -50,6 +50,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Row, SqlSafeStr, SqlStr};
 
 pub(crate) mod config;
+pub(crate) mod inbox;
 pub(crate) mod listener;
 pub(crate) mod schema;
 pub(crate) mod table;

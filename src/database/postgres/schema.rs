@@ -102,7 +102,8 @@ fn render_with(sql: &str, table: &Table, columns: &Columns) -> String {
         .replace("{{uuidv7_function}}", &table.companion("uuidv7"))
 }
 
-fn tracking_table(table: &Table) -> String {
+/// The table recording applied versions, in `table`'s schema.
+pub(super) fn tracking_table(table: &Table) -> String {
     match table.schema() {
         Some(schema) => format!("\"{schema}\".\"outbox_relay_migrations\""),
         None => "\"outbox_relay_migrations\"".to_owned(),
@@ -153,16 +154,7 @@ pub(crate) async fn migrate(
         .execute(&mut *tx)
         .await?;
     }
-    sqlx::raw_sql(AssertSqlSafe(format!(
-        "create table if not exists {tracking} (
-             table_name text not null,
-             version    integer not null,
-             name       text not null,
-             applied_at timestamptz not null default now(),
-             primary key (table_name, version))"
-    )))
-    .execute(&mut *tx)
-    .await?;
+    create_tracking(&mut tx, &tracking).await?;
     let applied: Vec<i32> = sqlx::query_scalar(AssertSqlSafe(format!(
         "select version from {tracking} where table_name = $1"
     )))
@@ -195,14 +187,7 @@ pub(crate) async fn migrate(
             sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *tx).await?;
             *name
         };
-        sqlx::query(AssertSqlSafe(format!(
-            "insert into {tracking} (table_name, version, name) values ($1, $2, $3)"
-        )))
-        .bind(table.to_string())
-        .bind(version)
-        .bind(name)
-        .execute(&mut *tx)
-        .await?;
+        record(&mut tx, &tracking, table, *version, name).await?;
         done.push(*version);
     }
     // `create table if not exists`: a no-op unless the lease table was dropped.
@@ -229,6 +214,43 @@ pub(crate) async fn migrate(
         applied: done,
         current: MIGRATIONS.last().map_or(0, |m| m.0),
     })
+}
+
+/// Records in `tracking` that `version` (`name`) of `table` is applied.
+pub(super) async fn record(
+    conn: &mut PgConnection,
+    tracking: &str,
+    table: &Table,
+    version: i32,
+    name: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(AssertSqlSafe(format!(
+        "insert into {tracking} (table_name, version, name) values ($1, $2, $3)"
+    )))
+    .bind(table.to_string())
+    .bind(version)
+    .bind(name)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Creates the tracking table `tracking` when it is missing.
+pub(super) async fn create_tracking(
+    conn: &mut PgConnection,
+    tracking: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "create table if not exists {tracking} (
+             table_name text not null,
+             version    integer not null,
+             name       text not null,
+             applied_at timestamptz not null default now(),
+             primary key (table_name, version))"
+    )))
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Adopts a table with its own column names: creates Debezium's table when that layout is
