@@ -4,7 +4,8 @@
 //! Every figure is measured in this run, on this machine, with PostgreSQL, the broker and the
 //! relay (the release binary, as a child process) sharing its cores. Options:
 //! `--rows N` (default 200000), `--aggregates N` (5000), `--payload BYTES` (1000),
-//! `--batch N` (2000, the relay default), `--only floors,drain,scale,notify,latency` (default: all),
+//! `--batch N` (2000, the relay default), `--only floors,drain,scale,notify,latency,inbox`
+//! (default: all),
 //! `--sinks discard,kafka,rabbitmq` (the drain's sinks; default: all).
 //!
 //! `OUTBOX_RELAY_BENCH_BIN=path` measures another build of the relay instead of this one, so
@@ -217,6 +218,9 @@ async fn run(args: Args) {
         for wakeup in [Wakeup::Polling, Wakeup::Listen] {
             idle_cost(&pool, wakeup).await;
         }
+    }
+    if args.wants("inbox") {
+        inbox(&pool, &args).await;
     }
     if args.wants("latency") {
         println!("\n## Latency: commit → broker ack (Kafka sink), steady insert rate, 10 s\n");
@@ -1062,4 +1066,388 @@ async fn latency(pool: &PgPool, rate: u32, listen: bool) {
         pct(&steady, 0.99),
         steady.last().copied().unwrap_or(0.0)
     );
+}
+
+/// The inbox part: messages already on the broker, ingested into a fresh inbox table, against
+/// two floors measured in the same run: the batched insert alone (the inbox's statement, same
+/// rows, same transaction size, no broker) and the broker's consumer alone (no database).
+async fn inbox(pool: &PgPool, args: &Args) {
+    let rows = args.rows;
+    println!("\n## Inbox: {rows} messages already on the broker, into a fresh inbox table\n");
+    println!("| part | what | messages | seconds | per second |");
+    println!("|---|---|---:|---:|---:|");
+    let insert_floor = floor_inbox_insert(pool, args).await;
+    let topic = format!("bench.inbox.{}", std::process::id());
+    create_bench_topic(&topic, 3).await;
+    produce_bench(&topic, args).await;
+    let kafka_floor = floor_kafka_consumer(&topic, rows).await;
+    let kafka = ingest(pool, args, "kafka", &topic).await;
+    let queue = format!("bench.inbox.{}", std::process::id());
+    publish_bench(&queue, args).await;
+    let rabbit_floor = floor_rabbitmq_consumer(&queue, rows).await;
+    publish_bench(&queue, args).await;
+    let rabbit = ingest(pool, args, "rabbitmq", &queue).await;
+    println!(
+        "\n| from | inbox messages/s | ratio to min(insert floor, consumer floor) | peak RSS MiB | CPU s per 100k messages |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for (from, drained, consumer_floor) in [
+        ("kafka", kafka, kafka_floor),
+        ("rabbitmq", rabbit, rabbit_floor),
+    ] {
+        let floor = insert_floor.min(consumer_floor);
+        println!(
+            "| {from} | {:.0} | {:.2} (floor {floor:.0}/s) | {:.1} | {:.2} |",
+            drained.rate,
+            drained.rate / floor,
+            drained.peak_rss_mib,
+            drained.cpu_seconds / rows as f64 * 100_000.0
+        );
+    }
+}
+
+/// The inbox table's DDL, as `migrate` creates it (the bench creates its floor table itself).
+fn inbox_table_sql(table: &str) -> String {
+    format!(
+        "drop table if exists {table}; drop table if exists {table}_rejected;
+         drop table if exists {table}_stats;
+         delete from outbox_relay_migrations where table_name = '{table}';
+         create table {table} (
+             id bigint generated always as identity primary key,
+             consumer text not null, event_id text not null, source text not null,
+             \"partition\" integer, \"offset\" bigint, message_key text, event_type text,
+             aggregate_type text, aggregate_id text, headers jsonb not null default '{{}}',
+             payload jsonb, body bytea, received_at timestamptz not null default now(),
+             processed_at timestamptz,
+             unique (consumer, event_id), check ((payload is null) <> (body is null)));
+         create index on {table} (consumer, id) where processed_at is null;
+         create index on {table} (processed_at) where processed_at is not null;"
+    )
+}
+
+/// (c1) The inbox's insert alone: the same statement (unnest, ON CONFLICT DO NOTHING), 1000
+/// rows per transaction with synchronous commit, rows built as the inbox builds them.
+async fn floor_inbox_insert(pool: &PgPool, args: &Args) -> f64 {
+    let table = "bench_inbox_floor";
+    let _ = sqlx::query("create table if not exists outbox_relay_migrations (table_name text not null, version integer not null, name text not null, applied_at timestamptz not null default now(), primary key (table_name, version))")
+        .execute(pool)
+        .await;
+    sqlx::raw_sql(AssertSqlSafe(inbox_table_sql(table)))
+        .execute(pool)
+        .await
+        .unwrap();
+    let payload = format!(
+        "{{\"seq\": 0, \"data\": \"{}\"}}",
+        "x".repeat(args.payload.saturating_sub(30))
+    );
+    let statement = format!(
+        "insert into {table} (consumer, event_id, source, \"partition\", \"offset\", message_key,
+                              event_type, aggregate_type, aggregate_id, headers, payload, body)
+         select $1, event_id, source, part, off, message_key, event_type, aggregate_type,
+                aggregate_id, headers::jsonb, payload::jsonb, body
+         from unnest($2::text[], $3::text[], $4::int4[], $5::int8[], $6::text[], $7::text[],
+                     $8::text[], $9::text[], $10::text[], $11::text[], $12::bytea[])
+              with ordinality
+              as m(event_id, source, part, off, message_key, event_type, aggregate_type,
+                   aggregate_id, headers, payload, body, n)
+         order by n
+         on conflict (consumer, event_id) do nothing"
+    );
+    let started = Instant::now();
+    let mut written = 0i64;
+    while written < args.rows {
+        let n = (args.rows - written).min(1000);
+        let mut ids = Vec::new();
+        let mut keys = Vec::new();
+        let mut headers = Vec::new();
+        let mut offsets = Vec::new();
+        for i in written..written + n {
+            let key = (i % args.aggregates).to_string();
+            let h = event_headers(&key);
+            ids.push(h[0].1.clone());
+            headers.push(
+                serde_json::Value::Object(
+                    h.iter()
+                        .map(|(k, v)| ((*k).to_owned(), serde_json::Value::String(v.clone())))
+                        .collect(),
+                )
+                .to_string(),
+            );
+            keys.push(key);
+            offsets.push(Some(i));
+        }
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("set local synchronous_commit = on")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        sqlx::query(AssertSqlSafe(statement.clone()))
+            .bind("bench")
+            .bind(&ids)
+            .bind(vec!["bench.inbox"; n as usize])
+            .bind(vec![Some(0i32); n as usize])
+            .bind(&offsets)
+            .bind(&keys)
+            .bind(vec!["happened"; n as usize])
+            .bind(vec!["bench"; n as usize])
+            .bind(&keys)
+            .bind(&headers)
+            .bind(vec![Some(payload.as_str()); n as usize])
+            .bind(vec![None::<Vec<u8>>; n as usize])
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        written += n;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let rate = written as f64 / seconds;
+    println!(
+        "| (c1) insert floor | the inbox's statement alone, 1000 rows per synchronous commit | {written} | {seconds:.2} | {rate:.0} |"
+    );
+    rate
+}
+
+async fn create_bench_topic(topic: &str, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .create()
+        .unwrap();
+    admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+}
+
+/// `args.rows` messages as the relay sends them (key, headers, JSON payload) to `topic`.
+async fn produce_bench(topic: &str, args: &Args) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let payload = format!(
+        "{{\"seq\": 0, \"data\": \"{}\"}}",
+        "x".repeat(args.payload.saturating_sub(30))
+    );
+    let mut sent = 0i64;
+    while sent < args.rows {
+        let n = (args.rows - sent).min(i64::from(args.batch));
+        let mut futures = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let key = ((sent + i) % args.aggregates).to_string();
+            let mut headers = OwnedHeaders::new();
+            for (name, value) in event_headers(&key) {
+                headers = headers.insert(Header {
+                    key: name,
+                    value: Some(value.as_bytes()),
+                });
+            }
+            let record = FutureRecord::to(topic)
+                .key(&key)
+                .payload(&payload)
+                .headers(headers);
+            futures.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+        }
+        for result in join_all(futures).await {
+            result.unwrap().map_err(|(e, _)| e).unwrap();
+        }
+        sent += n;
+    }
+}
+
+/// (c2) rdkafka's consumer alone, reading `rows` messages of `topic` (no database).
+async fn floor_kafka_consumer(topic: &str, rows: i64) -> f64 {
+    use rdkafka::Message;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .set("group.id", format!("bench-floor-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    // Timed from the first message: joining the group is not consuming.
+    let first = consumer.recv().await.unwrap();
+    let mut bytes = first.payload().map_or(0, <[u8]>::len);
+    let started = Instant::now();
+    let mut read = 1i64;
+    while read < rows {
+        let message = consumer.recv().await.unwrap();
+        bytes += message.payload().map_or(0, <[u8]>::len);
+        read += 1;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let rate = (read - 1) as f64 / seconds;
+    println!(
+        "| (c2) kafka consumer floor | rdkafka StreamConsumer alone ({} MiB) | {read} | {seconds:.2} | {rate:.0} |",
+        bytes / (1024 * 1024)
+    );
+    rate
+}
+
+/// `args.rows` persistent messages with the relay's headers into durable queue `queue`.
+async fn publish_bench(queue: &str, args: &Args) {
+    let connection = Connection::connect(AMQP, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let payload = format!(
+        "{{\"seq\": 0, \"data\": \"{}\"}}",
+        "x".repeat(args.payload.saturating_sub(30))
+    );
+    let mut sent = 0i64;
+    while sent < args.rows {
+        let n = (args.rows - sent).min(i64::from(args.batch));
+        let mut confirms = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let key = ((sent + i) % args.aggregates).to_string();
+            confirms.push(
+                channel
+                    .basic_publish(
+                        "".into(),
+                        queue.into(),
+                        BasicPublishOptions::default(),
+                        payload.as_bytes(),
+                        amqp_properties(&key),
+                    )
+                    .await
+                    .unwrap(),
+            );
+        }
+        for confirm in join_all(confirms).await {
+            confirm.unwrap();
+        }
+        sent += n;
+    }
+    let _ = connection.close(200, "published".into()).await;
+}
+
+/// (c3) lapin's consumer alone: `rows` messages of `queue`, prefetch 1000, acknowledged
+/// cumulatively every 1000 (no database).
+async fn floor_rabbitmq_consumer(queue: &str, rows: i64) -> f64 {
+    use futures::StreamExt;
+    use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+    let connection = Connection::connect(AMQP, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .basic_qos(1000, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "bench-floor".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut read = 0i64;
+    while read < rows {
+        let delivery = consumer.next().await.unwrap().unwrap();
+        read += 1;
+        if read % 1000 == 0 || read == rows {
+            channel
+                .basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true })
+                .await
+                .unwrap();
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let rate = read as f64 / seconds;
+    println!(
+        "| (c3) rabbitmq consumer floor | lapin consumer alone, prefetch 1000, ack every 1000 | {read} | {seconds:.2} | {rate:.0} |"
+    );
+    let _ = connection.close(200, "done".into()).await;
+    rate
+}
+
+/// The inbox (release binary) ingesting `args.rows` messages of `source` into a fresh table;
+/// timed from its first row to its last (joining a Kafka group is not ingesting).
+async fn ingest(pool: &PgPool, args: &Args, from: &str, source: &str) -> Drained {
+    let table = format!("bench_inbox_{from}");
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "drop table if exists {table}; drop table if exists {table}_rejected;
+         drop table if exists {table}_stats;
+         delete from outbox_relay_migrations where table_name = '{table}';"
+    )))
+    .execute(pool)
+    .await
+    .unwrap();
+    let source_section = match from {
+        "kafka" => format!("[inbox.kafka]\nbrokers = \"{BROKERS}\"\ntopics = [\"{source}\"]\n"),
+        _ => format!("[inbox.rabbitmq]\nurl = \"{AMQP}\"\nqueues = [\"{source}\"]\n"),
+    };
+    let config = std::env::temp_dir().join(format!("bench-inbox-{from}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[database]\nurl = \"{SERVER}/{DATABASE}\"\n[inbox]\ntable = \"{table}\"\nconsumer = \"bench-{}\"\nfrom = \"{from}\"\n{source_section}[log]\nlevel = \"warn\"\n",
+            std::process::id()
+        ),
+    )
+    .unwrap();
+    let migrated = Command::new(relay_binary())
+        .args(["-c", config.to_str().unwrap(), "migrate"])
+        .output()
+        .unwrap();
+    assert!(migrated.status.success(), "{migrated:?}");
+    let mut process = spawn_relay(&config);
+    let last = || async {
+        sqlx::query_scalar::<_, Option<i64>>(AssertSqlSafe(format!("select max(id) from {table}")))
+            .fetch_one(pool)
+            .await
+            .unwrap()
+            .unwrap_or(0)
+    };
+    let mut first = last().await;
+    while first == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        first = last().await;
+    }
+    let started = Instant::now();
+    loop {
+        if last().await >= args.rows {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let (peak_rss_mib, cpu_seconds) = resources(process.id());
+    stop_relay(&mut process);
+    let rate = (args.rows - first) as f64 / seconds;
+    println!(
+        "| inbox from {from} | the release binary, defaults | {} | {seconds:.2} | {rate:.0} |",
+        args.rows - first
+    );
+    Drained {
+        rate,
+        peak_rss_mib,
+        cpu_seconds,
+    }
 }

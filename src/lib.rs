@@ -12,7 +12,8 @@
 //! `cli` on top, where the concrete store and broker are chosen and handed to the loop.
 //! - [`cli`]: the `outbox-relay` command line (`run`, `migrate`, `check`, `status`, `requeue`,
 //!   `partitions`) and exit codes; the composition root (builds the store, the broker, the
-//!   LISTEN, retention and partition-check tasks, and runs the relay over them).
+//!   LISTEN, retention and partition-check tasks, and runs the relay over them; and the
+//!   inbox's store and consumer, when `[inbox]` is set).
 //! - [`config`]: the file as written, its loading and secret files, and the typed
 //!   `Settings` it is parsed into once.
 //! - `constraint`: the validation vocabulary every section uses (the error naming a key and
@@ -31,13 +32,18 @@
 //!   configuration section (Kafka's property policy included), and `broker::kafka::partitions`
 //!   the check of the topics' partition counts; `broker::Shape` is what a message carries
 //!   besides its value (the layout's headers, `broker::cloudevents` attributes, the row's);
-//!   `broker::template` renders destinations. Consuming (the inbox) goes beside producing.
+//!   `broker::template` renders destinations. `broker::consumer` is the consuming contract
+//!   (`Consumer`, `Delivery`), with `broker::kafka::consumer` and `broker::rabbitmq::consumer`
+//!   (and their `[inbox.kafka]`, `[inbox.rabbitmq]`); `broker::Inbound` is its closed set.
 //! - `outbox`: the outbox direction; its row types (`OutboxRow`, `Payload`, `Layout`).
 //!   `outbox::store::Store` is what it needs from a database;
 //!   `outbox::relay` the loop (claim → publish → settle, pipelined, its state in one struct);
 //!   `outbox::settlement` the pure decisions about a published batch; `outbox::dead_letter`,
 //!   `outbox::retention`, and `outbox::config` (`[relay]`, `[retry]`, `[retention]`).
-//!   The inbox direction goes beside it.
+//! - `inbox`: the inbox direction: the pure decision of how a delivery is recorded (a row or a
+//!   rejection), `inbox::store::InboxStore` (what it needs from a database; PostgreSQL's is
+//!   `database::postgres::inbox`), `inbox::ingest` the loop (batch → one transaction →
+//!   acknowledge) and its housekeeping, `inbox::config` (`[inbox]`).
 //! - [`runtime`]: what both directions use: backoff, outage bookkeeping, and
 //!   [`runtime::shutdown`] (SIGTERM/SIGINT to a cancellation token).
 //! - [`health`]: the optional HTTP listener (`[http]`): `/healthz`, `/readyz`, `/metrics`.

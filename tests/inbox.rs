@@ -335,3 +335,455 @@ async fn migrate_with_only_an_inbox_creates_only_the_inbox_tables_and_check_find
         check.stderr
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_crash_after_the_commit_before_the_offset_commit_redelivers_and_skips_the_batch() {
+    // GIVEN a private Kafka-protocol broker reached only through a proxy, a topic holding
+    // 400 events, and an inbox whose inserts wait on a lock the test holds
+    let plain = crate::support::free_address();
+    let proxy = crate::support::proxy::Proxy::start(plain).await;
+    let advertised = format!("127.0.0.1:{}", proxy.port);
+    let _tansu = TansuGuard(crate::support::tls::private_tansu(plain.port(), &advertised).await);
+    let topic = unique("inbox-unacked");
+    crate::support::kafka::create_topic_on(&advertised, &topic, 2).await;
+    let events = Message::stream(8, 0..50);
+    crate::support::inbox::produce_to(&advertised, &topic, &events).await;
+    let mut inbox = Inbox::new(Broker::Kafka, vec![topic.clone()]).await;
+    inbox.brokers = advertised.clone();
+    let holder = inbox.block_inserts().await;
+    let mut process = inbox.start();
+
+    // WHEN its first batch is written while the broker cannot hear from it (the offset
+    // commit lost), and the process is then SIGKILLed
+    wait_until(WAIT, "a batch waiting to be written", || async {
+        inbox.insert_blocked().await
+    })
+    .await;
+    assert!(
+        proxy.blackhole() > 0,
+        "the fault: the broker connections cut"
+    );
+    drop(holder);
+    inbox.wait_rows(1, WAIT).await;
+    let written = inbox.rows().await;
+    process.signal(Signal::SIGKILL);
+    process.kill();
+    assert_eq!(
+        committed_on(&advertised, &inbox.consumer, &topic, 2),
+        vec![-1, -1],
+        "the fault: rows committed, offsets not"
+    );
+
+    // THEN a restarted inbox gets those messages again, skips them as duplicates, and the
+    // inbox holds every event once, in order
+    let _process = inbox.start();
+    inbox.wait_rows(events.len() as i64, WAIT).await;
+    inbox.assert_exactly(&events).await;
+    wait_until(
+        WAIT,
+        "the redelivered batch counted as duplicates",
+        || async { inbox.duplicates().await >= written },
+    )
+    .await;
+}
+
+/// Kills the private broker on drop.
+struct TansuGuard(std::process::Child);
+
+impl Drop for TansuGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn committed_on(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .expect("consumer");
+    let mut list = TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition(topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(list, Duration::from_secs(10))
+        .expect("committed offsets");
+    (0..partitions)
+        .map(
+            |p| match committed.find_partition(topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o,
+                _ => -1,
+            },
+        )
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rabbitmq_connection_lost_after_the_commit_before_the_ack_redelivers_and_skips_the_batch() {
+    // GIVEN a queue holding 300 events, and an inbox that reaches RabbitMQ through a proxy
+    // and whose inserts wait on a lock the test holds
+    let _guard = crate::support::rabbit::Guard::shared().await;
+    let queue = declare_queue().await;
+    let events = Message::stream(6, 0..50);
+    publish(&queue, &events).await;
+    let proxy = crate::support::proxy::Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let mut inbox = Inbox::new(Broker::RabbitMq, vec![queue.clone()]).await;
+    inbox.amqp_url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    let holder = inbox.block_inserts().await;
+    let _process = inbox.start();
+
+    // WHEN the connection is reset while a batch waits to be written, and the write then
+    // commits (its acknowledgement has no channel left to go on)
+    wait_until(WAIT, "a batch waiting to be written", || async {
+        inbox.insert_blocked().await
+    })
+    .await;
+    assert!(proxy.reset() > 0, "the fault: the connection reset");
+    drop(holder);
+    inbox.wait_rows(1, WAIT).await;
+
+    // THEN the broker delivers that batch again (it was never acknowledged), the inbox
+    // skips it as duplicates and acknowledges it, and holds every event once, in order
+    inbox.wait_rows(events.len() as i64, WAIT).await;
+    wait_until(
+        WAIT,
+        "the redelivered batch counted as duplicates",
+        || async { inbox.duplicates().await > 0 },
+    )
+    .await;
+    inbox.assert_exactly(&events).await;
+    wait_until(WAIT, "every delivery acknowledged", || async {
+        queue_depth(&queue) == (0, 0)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_inbox_processes_in_one_kafka_group_share_the_partitions_and_hold_every_event_once() {
+    // GIVEN 3 200 events arriving over time on a topic of 4 partitions, and one inbox
+    let topic = unique("inbox-group");
+    create_topic(&topic, 4).await;
+    let events = Message::stream(16, 0..200);
+    let mut inbox = Inbox::new(Broker::Kafka, vec![topic.clone()]).await;
+    inbox.keys.insert("batch_size", "50".to_owned());
+    let producer = {
+        let (topic, events) = (topic.clone(), events.clone());
+        tokio::spawn(async move {
+            for chunk in events.chunks(80) {
+                produce(&topic, chunk).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let (mut first, first_http) = inbox.start_observed();
+    inbox.wait_rows(400, WAIT).await;
+
+    // WHEN a second process joins the group (a rebalance), writes, and the first then leaves
+    let (_second, second_http) = inbox.start_observed();
+    wait_until(WAIT, "the second member writing", || async {
+        metric(
+            second_http,
+            "outbox_relay_inbox_messages_total",
+            &[("result", "inserted")],
+        )
+        .await
+        .is_some_and(|n| n > 0.0)
+    })
+    .await;
+    let by_first = metric(
+        first_http,
+        "outbox_relay_inbox_messages_total",
+        &[("result", "inserted")],
+    )
+    .await
+    .unwrap_or(0.0);
+    assert!(by_first > 0.0, "the fault: both members wrote");
+    first.signal(Signal::SIGTERM);
+    first.wait_exit(WAIT).await;
+    producer.await.unwrap();
+
+    // THEN every event is there once, in order per aggregate
+    inbox.wait_rows(events.len() as i64, WAIT).await;
+    inbox.assert_exactly(&events).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_crash_mid_stream_pauses_consumption_and_loses_nothing() {
+    // GIVEN an inbox on its own PostgreSQL server, taking 4 000 events from Kafka
+    let mut server = crate::support::postgres::PrivatePostgres::start(None).await;
+    let topic = unique("inbox-pgcrash");
+    create_topic(&topic, 3).await;
+    let events = Message::stream(20, 0..200);
+    let mut inbox = Inbox::unmigrated(Broker::Kafka, vec![topic.clone()]).await;
+    inbox.database_url = server.url();
+    inbox.pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_lazy(&server.url())
+        .unwrap();
+    inbox.keys.insert("batch_size", "100".to_owned());
+    inbox.command(&["migrate"]).success();
+    let producer = {
+        let (topic, events) = (topic.clone(), events.clone());
+        tokio::spawn(async move {
+            for chunk in events.chunks(200) {
+                produce(&topic, chunk).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let process = inbox.start();
+    inbox.wait_rows(500, WAIT).await;
+
+    // WHEN PostgreSQL stops immediately (crash recovery at start) and comes back
+    server.stop(Signal::SIGQUIT).await;
+    process
+        .wait_for_log("inbox: database unavailable", WAIT)
+        .await;
+    server.start_server().await;
+    let before = inbox.rows().await;
+    assert!(
+        before < events.len() as i64,
+        "the fault: the stream was cut"
+    );
+
+    // THEN consumption resumes by itself and every event is there once, in order: nothing
+    // acknowledged was lost in the crash
+    producer.await.unwrap();
+    inbox.wait_rows(events.len() as i64, WAIT).await;
+    process.wait_for_log("database available again", WAIT).await;
+    inbox.assert_exactly(&events).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rabbitmq_restart_mid_stream_is_survived_with_every_event_once() {
+    // GIVEN 3 000 persistent events in a durable queue and an inbox taking them
+    let _guard = crate::support::rabbit::Guard::exclusive().await;
+    let queue = declare_queue().await;
+    let events = Message::stream(10, 0..300);
+    publish(&queue, &events).await;
+    let mut inbox = Inbox::new(Broker::RabbitMq, vec![queue.clone()]).await;
+    inbox.keys.insert("batch_size", "100".to_owned());
+    inbox.keys.insert("batch_wait", "\"20ms\"".to_owned());
+    let process = inbox.start();
+    inbox.wait_rows(300, WAIT).await;
+
+    // WHEN the broker restarts mid-stream (while a batch is being written)
+    let holder = inbox.block_inserts().await;
+    wait_until(WAIT, "a batch waiting to be written", || async {
+        inbox.insert_blocked().await
+    })
+    .await;
+    crate::support::rabbit::restart_app().await;
+    drop(holder);
+    process
+        .wait_for_log("inbox: broker unavailable", WAIT)
+        .await;
+    assert!(
+        inbox.rows().await < events.len() as i64,
+        "the fault: the stream was cut"
+    );
+
+    // THEN the inbox reconnects and holds every event once, in queue order, all acknowledged
+    inbox.wait_rows(events.len() as i64, WAIT).await;
+    inbox.assert_exactly(&events).await;
+    wait_until(WAIT, "every delivery acknowledged", || async {
+        queue_depth(&queue) == (0, 0)
+    })
+    .await;
+}
+
+/// Service A commits `aggregates` × `per_aggregate` events into `table`, a few per aggregate
+/// at a time, in separate transactions, while the test does other things.
+fn service_a_writes(
+    pool: sqlx::PgPool,
+    table: String,
+    aggregates: usize,
+    per_aggregate: i64,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for start in (0..per_aggregate).step_by(5) {
+            for a in 0..aggregates {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "insert into {table} (aggregate_type, aggregate_id, event_type, payload, headers)
+                     select 'order', $1, 'happened', jsonb_build_object('seq', s),
+                            jsonb_build_object('seq', s::text)
+                     from generate_series($2::bigint, $3::bigint - 1) s"
+                )))
+                .bind(format!("a{a}"))
+                .bind(start)
+                .bind((start + 5).min(per_aggregate))
+                .execute(&pool)
+                .await
+                .expect("service A's insert");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn effective_once_from_one_services_outbox_to_anothers_inbox_with_both_processes_killed() {
+    // GIVEN service A's outbox with its relay publishing to Kafka, and service B's inbox
+    // consuming that topic, while A commits 2 000 events of 20 aggregates over time
+    let outbox = crate::support::Outbox::for_broker(Broker::Kafka).await;
+    let topic = outbox.topic("order");
+    create_topic(&topic, 3).await;
+    let inbox = Inbox::new(Broker::Kafka, vec![topic.clone()]).await;
+    let writer = service_a_writes(outbox.pool.clone(), outbox.table.clone(), 20, 100);
+    let mut relay = outbox.start();
+    let mut consumer = inbox.start();
+
+    // WHEN the relay and the inbox are each SIGKILLed twice mid-stream and restarted
+    for cut in [300, 1000] {
+        inbox.wait_rows(cut, WAIT).await;
+        relay.signal(Signal::SIGKILL);
+        relay.kill();
+        relay = outbox.start();
+        inbox.wait_rows(cut + 200, WAIT).await;
+        consumer.signal(Signal::SIGKILL);
+        consumer.kill();
+        assert!(inbox.rows().await < 2000, "the fault: killed mid-stream");
+        consumer = inbox.start();
+    }
+    writer.await.unwrap();
+
+    // THEN B's inbox holds exactly the events A committed, once each, in order per aggregate
+    inbox.wait_rows(2000, WAIT).await;
+    let committed: std::collections::BTreeSet<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(
+        format!("select event_id::text from {}", outbox.table),
+    ))
+    .fetch_all(&outbox.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    assert_eq!(committed.len(), 2000);
+    inbox.assert_exactly_ids(&committed).await;
+    drop((relay, consumer));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_process_runs_the_outbox_and_the_inbox_side_by_side() {
+    // GIVEN one configuration with [broker] (the outbox's relay) and [inbox] on the topic the
+    // relay writes to, in one database
+    let mut outbox = crate::support::Outbox::for_broker(Broker::Kafka).await;
+    let topic = outbox.topic("order");
+    create_topic(&topic, 2).await;
+    let inbox = Inbox::unmigrated(Broker::Kafka, vec![topic.clone()]).await;
+    let mut section = std::collections::BTreeMap::new();
+    section.insert("table".to_owned(), format!("\"{}\"", inbox.table));
+    section.insert("consumer".to_owned(), format!("\"{}\"", inbox.consumer));
+    section.insert("from".to_owned(), "\"kafka\"".to_owned());
+    outbox.sections.insert("inbox", section);
+    let mut kafka = std::collections::BTreeMap::new();
+    kafka.insert(
+        "brokers".to_owned(),
+        format!("\"{}\"", crate::support::kafka_brokers()),
+    );
+    kafka.insert("topics".to_owned(), format!("[\"{topic}\"]"));
+    kafka.insert("session_timeout".to_owned(), "\"3s\"".to_owned());
+    outbox.sections.insert("inbox.kafka", kafka);
+    let migrated = outbox.migrate().success();
+    assert!(
+        migrated.stdout.contains("inbox table"),
+        "{}",
+        migrated.stdout
+    );
+
+    // WHEN it runs and the outbox gets 100 events
+    let (mut process, http) = outbox.start_observed();
+    for a in 0..4 {
+        outbox.insert("order", &format!("a{a}"), 0..25).await;
+    }
+
+    // THEN they are published and land in the inbox once each, /readyz answers for both
+    // directions, and SIGTERM stops both cleanly
+    inbox.wait_rows(100, WAIT).await;
+    outbox.wait_all_published(WAIT).await;
+    let ids: std::collections::BTreeSet<String> = outbox
+        .column::<String>(&format!("select event_id::text from {}", outbox.table))
+        .await
+        .into_iter()
+        .collect();
+    inbox.assert_exactly_ids(&ids).await;
+    wait_until(WAIT, "ready", || async {
+        crate::support::http_get(http, "/readyz")
+            .await
+            .is_some_and(|(code, _)| code == 200)
+    })
+    .await;
+    process.signal(Signal::SIGTERM);
+    assert!(process.wait_exit(WAIT).await.success());
+    process.wait_for_log("inbox stopped", WAIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_inbox_runs_with_only_the_documented_grants_and_deletes_rows_processed_long_ago() {
+    // GIVEN an inbox migrated by its owner, a role with exactly the README's inbox grants,
+    // and 60 events on a topic, one of them without an id
+    let topic = unique("inbox-grants");
+    create_topic(&topic, 1).await;
+    let events = Message::stream(3, 0..20);
+    produce(&topic, &events).await;
+    produce(&topic, &[without_id(b"x")]).await;
+    let mut inbox = Inbox::new(Broker::Kafka, vec![topic.clone()]).await;
+    let role = unique("inbox_role");
+    let t = &inbox.table;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "create role {role} login;
+         grant connect on database {db} to {role};
+         grant usage on schema public to {role};
+         grant select, insert, delete on {t} to {role};
+         grant select, insert on {t}_rejected to {role};
+         grant select, insert, update on {t}_stats to {role};",
+        db = crate::support::TEST_DATABASE,
+    )))
+    .execute(&inbox.pool)
+    .await
+    .unwrap();
+    inbox.database_url = inbox
+        .database_url
+        .replace("postgres://postgres@", &format!("postgres://{role}@"));
+
+    // WHEN that role checks, runs the inbox, reports its status, and the application marks
+    // some rows processed eight days ago
+    let check = inbox.command(&["check"]);
+    assert_eq!(check.code(), Some(0), "{check:?}");
+    let process = inbox.start();
+    inbox.wait_rows(60, WAIT).await;
+    wait_until(WAIT, "the poison message recorded", || async {
+        inbox.rejected().await == 1
+    })
+    .await;
+    let status = inbox.command(&["status"]);
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(status.stdout.contains("waiting"), "{}", status.stdout);
+    inbox
+        .scalar(
+            "with done as (update {t} set processed_at = now() - interval '8 days'
+                           where aggregate_id = 'a0' returning 1)
+             select count(*) from done",
+        )
+        .await;
+
+    // THEN retention (default: 7 days) deletes exactly those, and nothing was denied
+    wait_until(WAIT, "rows processed 8 days ago deleted", || async {
+        inbox.rows().await == 40
+    })
+    .await;
+    let left = inbox
+        .scalar("select count(*) from {t} where aggregate_id = 'a0'")
+        .await;
+    assert_eq!(left, 0);
+    let logs = process.logs();
+    assert!(!logs.contains("permission denied"), "{logs}");
+    drop(process);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "drop owned by {role}; drop role {role};"
+    )))
+    .execute(&inbox.pool)
+    .await
+    .unwrap();
+}

@@ -309,6 +309,44 @@ impl Inbox {
             .expect("query")
     }
 
+    /// Blocks the inbox's inserts: a trigger takes an advisory lock the returned connection
+    /// holds, until it is closed (dropped).
+    pub async fn block_inserts(&self) -> sqlx::PgConnection {
+        use sqlx::Connection;
+        let t = &self.table;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "create function {t}_block() returns trigger language plpgsql as $$
+             begin perform pg_advisory_xact_lock(hashtext('{t}')); return null; end $$;
+             create trigger {t}_block before insert on {t}
+                 for each statement execute function {t}_block();"
+        )))
+        .execute(&self.pool)
+        .await
+        .expect("install the blocker");
+        let mut holder = sqlx::PgConnection::connect(&self.database_url)
+            .await
+            .unwrap();
+        sqlx::query("select pg_advisory_lock(hashtext($1))")
+            .bind(t)
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        holder
+    }
+
+    /// Whether an insert of the inbox waits on the blocker.
+    pub async fn insert_blocked(&self) -> bool {
+        sqlx::query_scalar::<_, bool>(
+            "select exists (select 1 from pg_locks l join pg_stat_activity a using (pid)
+                            where l.locktype = 'advisory' and not l.granted
+                              and a.application_name = 'outbox-relay' and a.query like $1)",
+        )
+        .bind(format!("%{}%", self.table))
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+
     /// Rows in the inbox.
     pub async fn rows(&self) -> i64 {
         self.scalar("select count(*) from {t}").await
@@ -352,16 +390,6 @@ impl Inbox {
     /// Asserts the inbox holds exactly `expected` (event ids), once each, and that each
     /// aggregate's rows are in seq order by `id`.
     pub async fn assert_exactly(&self, expected: &[Message]) {
-        let contents = self.contents().await;
-        let mut seen = std::collections::BTreeMap::new();
-        for (_, _, id) in &contents {
-            *seen.entry(id.clone()).or_insert(0) += 1;
-        }
-        let doubled: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
-        assert!(
-            doubled.is_empty(),
-            "event ids in the inbox twice: {doubled:?}"
-        );
         let wanted: std::collections::BTreeSet<String> = expected
             .iter()
             .map(|m| {
@@ -372,9 +400,25 @@ impl Inbox {
                     .expect("an event id")
             })
             .collect();
+        self.assert_exactly_ids(&wanted).await;
+    }
+
+    /// Asserts the inbox holds exactly the events `wanted`, once each, and that each
+    /// aggregate's rows are in seq order by `id`.
+    pub async fn assert_exactly_ids(&self, wanted: &std::collections::BTreeSet<String>) {
+        let contents = self.contents().await;
+        let mut seen = std::collections::BTreeMap::new();
+        for (_, _, id) in &contents {
+            *seen.entry(id.clone()).or_insert(0) += 1;
+        }
+        let doubled: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            doubled.is_empty(),
+            "event ids in the inbox twice: {doubled:?}"
+        );
         let got: std::collections::BTreeSet<String> = seen.into_keys().collect();
         let missing: Vec<_> = wanted.difference(&got).take(10).collect();
-        let unexpected: Vec<_> = got.difference(&wanted).take(10).collect();
+        let unexpected: Vec<_> = got.difference(wanted).take(10).collect();
         assert!(
             missing.is_empty() && unexpected.is_empty(),
             "missing {missing:?} (of {}), unexpected {unexpected:?}",

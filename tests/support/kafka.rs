@@ -12,15 +12,24 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use super::{Received, kafka_brokers, unique};
 
 fn admin() -> AdminClient<DefaultClientContext> {
+    admin_on(&kafka_brokers())
+}
+
+fn admin_on(brokers: &str) -> AdminClient<DefaultClientContext> {
     ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
+        .set("bootstrap.servers", brokers)
         .create()
         .expect("admin client")
 }
 
 /// Creates `topic` with `partitions` partitions (before the relay would auto-create it).
 pub async fn create_topic(topic: &str, partitions: i32) {
-    let results = admin()
+    create_topic_on(&kafka_brokers(), topic, partitions).await;
+}
+
+/// [`create_topic`] on the broker at `brokers`.
+pub async fn create_topic_on(brokers: &str, topic: &str, partitions: i32) {
+    let results = admin_on(brokers)
         .create_topics(
             &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
             &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
