@@ -440,43 +440,8 @@ async fn floor_database(pool: &PgPool, args: &Args) -> f64 {
 /// (b) Kafka alone: the same messages through an idempotent acks=all producer, a batch enqueued
 /// at a time and its delivery reports awaited together.
 async fn floor_kafka(args: &Args) -> f64 {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", BROKERS)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .create()
-        .unwrap();
-    let payload = format!(
-        "{{\"seq\": 0, \"data\": \"{}\"}}",
-        "x".repeat(args.payload.saturating_sub(30))
-    );
-    let keys: Vec<String> = (0..args.aggregates).map(|k| k.to_string()).collect();
     let started = Instant::now();
-    let mut sent = 0i64;
-    while sent < args.rows {
-        let n = (args.rows - sent).min(i64::from(args.batch));
-        let mut futures = Vec::with_capacity(n as usize);
-        for i in 0..n {
-            let key = &keys[((sent + i) % args.aggregates) as usize];
-            let mut headers = OwnedHeaders::new();
-            for (name, value) in event_headers(key) {
-                headers = headers.insert(Header {
-                    key: name,
-                    value: Some(value.as_bytes()),
-                });
-            }
-            let record = FutureRecord::to("bench.floor")
-                .key(key)
-                .payload(&payload)
-                .headers(headers);
-            futures.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
-        }
-        for result in join_all(futures).await {
-            result.unwrap().map_err(|(e, _)| e).unwrap();
-        }
-        sent += n;
-    }
+    let sent = produce_bench("bench.floor", args).await;
     let seconds = started.elapsed().as_secs_f64();
     let rate = sent as f64 / seconds;
     println!(
@@ -573,10 +538,7 @@ async fn floor_rabbitmq(args: &Args) -> f64 {
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    let payload = format!(
-        "{{\"seq\": 0, \"data\": \"{}\"}}",
-        "x".repeat(args.payload.saturating_sub(30))
-    );
+    let payload = bench_payload(args);
     let started = Instant::now();
     let mut sent = 0i64;
     while sent < args.rows {
@@ -1136,10 +1098,7 @@ async fn floor_inbox_insert(pool: &PgPool, args: &Args) -> f64 {
         .execute(pool)
         .await
         .unwrap();
-    let payload = format!(
-        "{{\"seq\": 0, \"data\": \"{}\"}}",
-        "x".repeat(args.payload.saturating_sub(30))
-    );
+    let payload = bench_payload(args);
     let statement = format!(
         "insert into {table} (consumer, event_id, source, \"partition\", \"offset\", message_key,
                               event_type, aggregate_type, aggregate_id, headers, payload, body)
@@ -1223,33 +1182,41 @@ async fn create_bench_topic(topic: &str, partitions: i32) {
         .unwrap();
 }
 
-/// `args.rows` messages as the relay sends them (key, headers, JSON payload) to `topic`.
-async fn produce_bench(topic: &str, args: &Args) {
+/// A JSON payload of about `args.payload` bytes.
+fn bench_payload(args: &Args) -> String {
+    format!(
+        "{{\"seq\": 0, \"data\": \"{}\"}}",
+        "x".repeat(args.payload.saturating_sub(30))
+    )
+}
+
+/// Produces `args.rows` messages as the relay sends them (key, headers, JSON payload) to
+/// `topic`, idempotent with `acks=all`, `args.batch` in flight at a time; returns how many.
+async fn produce_bench(topic: &str, args: &Args) -> i64 {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", BROKERS)
         .set("enable.idempotence", "true")
+        .set("acks", "all")
         .set("linger.ms", "5")
         .create()
         .unwrap();
-    let payload = format!(
-        "{{\"seq\": 0, \"data\": \"{}\"}}",
-        "x".repeat(args.payload.saturating_sub(30))
-    );
+    let payload = bench_payload(args);
+    let keys: Vec<String> = (0..args.aggregates).map(|k| k.to_string()).collect();
     let mut sent = 0i64;
     while sent < args.rows {
         let n = (args.rows - sent).min(i64::from(args.batch));
         let mut futures = Vec::with_capacity(n as usize);
         for i in 0..n {
-            let key = ((sent + i) % args.aggregates).to_string();
+            let key = &keys[((sent + i) % args.aggregates) as usize];
             let mut headers = OwnedHeaders::new();
-            for (name, value) in event_headers(&key) {
+            for (name, value) in event_headers(key) {
                 headers = headers.insert(Header {
                     key: name,
                     value: Some(value.as_bytes()),
                 });
             }
             let record = FutureRecord::to(topic)
-                .key(&key)
+                .key(key)
                 .payload(&payload)
                 .headers(headers);
             futures.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
@@ -1259,6 +1226,7 @@ async fn produce_bench(topic: &str, args: &Args) {
         }
         sent += n;
     }
+    sent
 }
 
 /// (c2) rdkafka's consumer alone, reading `rows` messages of `topic` (no database).
@@ -1313,10 +1281,7 @@ async fn publish_bench(queue: &str, args: &Args) {
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    let payload = format!(
-        "{{\"seq\": 0, \"data\": \"{}\"}}",
-        "x".repeat(args.payload.saturating_sub(30))
-    );
+    let payload = bench_payload(args);
     let mut sent = 0i64;
     while sent < args.rows {
         let n = (args.rows - sent).min(i64::from(args.batch));

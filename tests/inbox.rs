@@ -11,28 +11,9 @@ use crate::support::inbox::{Inbox, Message, declare_queue, produce, publish, que
 use crate::support::kafka::create_topic;
 use crate::support::{Broker, WAIT, metric, unique, wait_until};
 
-/// The offsets the group committed on `topic`'s partitions `0..partitions`.
+/// The offsets the group committed on `topic`'s partitions `0..partitions` (shared broker).
 fn committed(group: &str, topic: &str, partitions: i32) -> Vec<i64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", crate::support::kafka_brokers())
-        .set("group.id", group)
-        .create()
-        .expect("consumer");
-    let mut list = TopicPartitionList::new();
-    for p in 0..partitions {
-        list.add_partition(topic, p);
-    }
-    let committed = consumer
-        .committed_offsets(list, Duration::from_secs(10))
-        .expect("committed offsets");
-    (0..partitions)
-        .map(
-            |p| match committed.find_partition(topic, p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => o,
-                _ => -1,
-            },
-        )
-        .collect()
+    committed_on(&crate::support::kafka_brokers(), group, topic, partitions)
 }
 
 fn without_id(body: &[u8]) -> Message {
@@ -245,6 +226,10 @@ async fn kafka_inbox_sigkilled_three_times_mid_stream_holds_every_event_once() {
     // THEN every event is there exactly once, in order per aggregate, and each restart
     // resumed within 30 s
     inbox.assert_exactly(&events).await;
+    let longest = resumed.iter().max().copied();
+    inbox
+        .report("inbox SIGKILLed 3 times mid-stream", events.len(), longest)
+        .await;
     for took in &resumed {
         assert!(*took < Duration::from_secs(30), "resumed after {took:?}");
     }
@@ -280,6 +265,10 @@ async fn rabbitmq_inbox_sigkilled_three_times_mid_stream_holds_every_event_once(
     // THEN every event is there exactly once, in queue order per aggregate, and nothing is
     // left unacknowledged
     inbox.assert_exactly(&events).await;
+    let longest = resumed.iter().max().copied();
+    inbox
+        .report("inbox SIGKILLed 3 times mid-stream", events.len(), longest)
+        .await;
     wait_until(WAIT, "every delivery acknowledged", || async {
         queue_depth(&queue) == (0, 0)
     })
@@ -385,6 +374,13 @@ async fn kafka_crash_after_the_commit_before_the_offset_commit_redelivers_and_sk
         || async { inbox.duplicates().await >= written },
     )
     .await;
+    inbox
+        .report(
+            "crash after the commit, before the offset commit",
+            events.len(),
+            None,
+        )
+        .await;
 }
 
 /// Kills the private broker on drop.
@@ -397,6 +393,7 @@ impl Drop for TansuGuard {
     }
 }
 
+/// [`committed`] on the broker at `brokers`.
 fn committed_on(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -454,6 +451,13 @@ async fn rabbitmq_connection_lost_after_the_commit_before_the_ack_redelivers_and
     )
     .await;
     inbox.assert_exactly(&events).await;
+    inbox
+        .report(
+            "connection reset after the commit, before the ack",
+            events.len(),
+            None,
+        )
+        .await;
     wait_until(WAIT, "every delivery acknowledged", || async {
         queue_depth(&queue) == (0, 0)
     })
@@ -507,6 +511,13 @@ async fn two_inbox_processes_in_one_kafka_group_share_the_partitions_and_hold_ev
     // THEN every event is there once, in order per aggregate
     inbox.wait_rows(events.len() as i64, WAIT).await;
     inbox.assert_exactly(&events).await;
+    inbox
+        .report(
+            "second group member joins, first leaves (rebalances)",
+            events.len(),
+            None,
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -554,6 +565,13 @@ async fn a_database_crash_mid_stream_pauses_consumption_and_loses_nothing() {
     inbox.wait_rows(events.len() as i64, WAIT).await;
     process.wait_for_log("database available again", WAIT).await;
     inbox.assert_exactly(&events).await;
+    inbox
+        .report(
+            "PostgreSQL crash (immediate stop) and restart",
+            events.len(),
+            None,
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -588,6 +606,9 @@ async fn a_rabbitmq_restart_mid_stream_is_survived_with_every_event_once() {
     // THEN the inbox reconnects and holds every event once, in queue order, all acknowledged
     inbox.wait_rows(events.len() as i64, WAIT).await;
     inbox.assert_exactly(&events).await;
+    inbox
+        .report("RabbitMQ restart mid-write", events.len(), None)
+        .await;
     wait_until(WAIT, "every delivery acknowledged", || async {
         queue_depth(&queue) == (0, 0)
     })
@@ -661,6 +682,13 @@ async fn effective_once_from_one_services_outbox_to_anothers_inbox_with_both_pro
     .collect();
     assert_eq!(committed.len(), 2000);
     inbox.assert_exactly_ids(&committed).await;
+    inbox
+        .report(
+            "A's outbox -> relay -> Kafka -> B's inbox, each SIGKILLed twice",
+            committed.len(),
+            None,
+        )
+        .await;
     drop((relay, consumer));
 }
 

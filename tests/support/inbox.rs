@@ -347,6 +347,31 @@ impl Inbox {
         .unwrap()
     }
 
+    /// Records a fault case's outcome (called after [`Inbox::assert_exactly`] held: nothing
+    /// missing, nothing twice, order kept) in `FAULTS_REPORT`, for `scripts/faults.sh`.
+    pub async fn report(&self, scenario: &str, events: usize, recovery: Option<Duration>) {
+        let Ok(path) = std::env::var("FAULTS_REPORT") else {
+            return;
+        };
+        let line = serde_json::json!({
+            "kind": "inbox",
+            "scenario": scenario,
+            "from": match self.from { Broker::Kafka => "Kafka", Broker::RabbitMq => "RabbitMq" },
+            "events": events,
+            "rows": self.rows().await,
+            "redeliveries_skipped": self.duplicates().await,
+            "rejected": self.rejected().await,
+            "recovery_ms": recovery.map(|r| r.as_millis() as u64),
+        });
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("open FAULTS_REPORT");
+        writeln!(file, "{line}").expect("write FAULTS_REPORT");
+    }
+
     /// Rows in the inbox.
     pub async fn rows(&self) -> i64 {
         self.scalar("select count(*) from {t}").await
