@@ -5,6 +5,9 @@
 //! the relay, running as a sidecar, claims committed rows in batches, publishes them, and marks
 //! each row only after the broker acknowledged it. See the README for the guarantees.
 //!
+//! The other direction, inbox mode: messages from Kafka or RabbitMQ into a consuming service's
+//! inbox table, deduplicated on (`consumer`, `event_id`), acknowledged only after the commit.
+//!
 //! # Layout
 //! One module per domain noun; each component owns its configuration section. Dependencies
 //! between source files point one way (a unit test checks it): `outbox`'s row types at the

@@ -815,3 +815,35 @@ async fn the_inbox_runs_with_only_the_documented_grants_and_deletes_rows_process
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reports_a_missing_rabbitmq_queue_and_passes_once_it_exists() {
+    // GIVEN a migrated inbox on two queues, one of which does not exist
+    let _guard = crate::support::rabbit::Guard::shared().await;
+    let present = declare_queue().await;
+    let missing = unique("inbox-q-missing");
+    let inbox = Inbox::new(Broker::RabbitMq, vec![present.clone(), missing.clone()]).await;
+
+    // WHEN check runs
+    let check = inbox.command(&["check"]);
+
+    // THEN it fails naming the missing queue and confirms the other
+    assert_eq!(check.code(), Some(1), "{check:?}");
+    assert!(
+        check
+            .stderr
+            .contains(&format!("queue {missing} does not exist")),
+        "{}",
+        check.stderr
+    );
+    assert!(
+        check.stdout.contains(&format!("queue {present}: exists")),
+        "{}",
+        check.stdout
+    );
+    assert!(
+        check
+            .stdout
+            .contains(&format!("inbox table {}: ok", inbox.table))
+    );
+}

@@ -310,6 +310,32 @@ mod tests {
     }
 
     #[test]
+    fn a_rabbitmq_inbox_batch_takes_at_most_half_of_the_prefetch_window() {
+        let rabbit = |extra: &str| {
+            format!(
+                "[database]\nurl = \"postgres://postgres@127.0.0.1:5432/app\"\n[inbox]\nconsumer = \"billing\"\nfrom = \"rabbitmq\"\n{extra}\n[inbox.rabbitmq]\nurl = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\nqueues = [\"a\", \"b\"]\n"
+            )
+        };
+        // Default prefetch: twice the batch, so the batch is kept whole.
+        let (_, settings) = parse_with_settings(&rabbit("")).expect("valid");
+        assert_eq!(settings.inbox.expect("inbox").batch_size, 1000);
+        // A small prefetch cuts the batch to half of all queues' window (2 × 300 / 2).
+        let small = rabbit("").replace("queues = [", "prefetch = 300\nqueues = [");
+        let (_, settings) = parse_with_settings(&small).expect("valid");
+        assert_eq!(settings.inbox.expect("inbox").batch_size, 300);
+        // Twice a large batch is past u16: the largest prefetch the protocol allows (2 × 65535
+        // over the two queues still holds two batches of 40 000).
+        let (_, settings) = parse_with_settings(&rabbit("batch_size = 40000")).expect("valid");
+        assert_eq!(settings.inbox.expect("inbox").batch_size, 40000);
+        let one_queue = rabbit("batch_size = 40000").replace("\"a\", \"b\"", "\"a\"");
+        let (_, settings) = parse_with_settings(&one_queue).expect("valid");
+        assert_eq!(settings.inbox.expect("inbox").batch_size, 32767);
+        let zero = rabbit("").replace("queues = [", "prefetch = 0\nqueues = [");
+        let err = ErrorChain(&parse(&zero).unwrap_err()).to_string();
+        assert!(err.contains("`inbox.rabbitmq.prefetch`"), "{err}");
+    }
+
+    #[test]
     fn minimal_config_gets_documented_defaults() {
         let config = parse(MINIMAL).expect("valid");
         assert_eq!(config.database.table, "outbox");

@@ -173,8 +173,14 @@ impl InboxConfig {
                         "is required with inbox.from = \"rabbitmq\"",
                     )
                 })?;
-                Source::RabbitMq(rabbit.validate()?)
+                Source::RabbitMq(rabbit.validate(self.batch_size)?)
             }
+        };
+        // A batch never waits for deliveries the broker holds back until the batch before is
+        // acknowledged: at most half the window, so the other half arrives while one is written.
+        let batch_size = match &source {
+            Source::RabbitMq(rabbit) => self.batch_size.min((rabbit.window() / 2).max(1)),
+            Source::Kafka(_) => self.batch_size,
         };
         Ok(InboxSettings {
             table,
@@ -184,7 +190,7 @@ impl InboxConfig {
                 max_message_bytes: self.max_message_bytes,
                 missing_event_id: self.missing_event_id,
             },
-            batch_size: self.batch_size,
+            batch_size,
             batch_wait: self.batch_wait,
             keep_processed,
         })

@@ -32,18 +32,14 @@ pub struct InboxRabbitMqConfig {
     pub url_file: Option<PathBuf>,
     /// Queues to consume (they must exist: the inbox declares nothing).
     pub queues: Vec<String>,
-    /// Unacknowledged deliveries the broker may send per queue. Default 1000.
-    #[serde(default = "default_prefetch")]
-    pub prefetch: u16,
+    /// Unacknowledged deliveries the broker may send per queue. Default: twice
+    /// `inbox.batch_size` (at most 65535), so the next batch arrives while one is written.
+    pub prefetch: Option<u16>,
     /// Allows an `amqp://` (plaintext) URL to a host that is not loopback. Default false.
     #[serde(default)]
     pub allow_insecure_transport: bool,
     /// `[inbox.rabbitmq.tls]`, as `[broker.rabbitmq.tls]`.
     pub tls: Option<AmqpTlsConfig>,
-}
-
-fn default_prefetch() -> u16 {
-    1000
 }
 
 /// `[inbox.rabbitmq]`, parsed, TLS files read.
@@ -53,6 +49,13 @@ pub(crate) struct RabbitMqConsumerSettings {
     tls: OwnedTLSConfig,
     pub(crate) queues: Vec<String>,
     prefetch: u16,
+}
+
+impl RabbitMqConsumerSettings {
+    /// Deliveries the broker may have out unacknowledged at once, over all queues.
+    pub(crate) fn window(&self) -> usize {
+        usize::from(self.prefetch) * self.queues.len()
+    }
 }
 
 impl fmt::Debug for RabbitMqConsumerSettings {
@@ -66,8 +69,11 @@ impl fmt::Debug for RabbitMqConsumerSettings {
 }
 
 impl InboxRabbitMqConfig {
-    /// Checks the section and parses it.
-    pub(crate) fn validate(&self) -> Result<RabbitMqConsumerSettings, ConfigError> {
+    /// Checks the section and parses it; `batch_size` is `inbox.batch_size`.
+    pub(crate) fn validate(
+        &self,
+        batch_size: usize,
+    ) -> Result<RabbitMqConsumerSettings, ConfigError> {
         let (url, tls) = connection(
             "inbox.rabbitmq",
             self.url.as_ref(),
@@ -85,7 +91,10 @@ impl InboxRabbitMqConfig {
                 "must name at least one queue, each 1 to 255 bytes and not amq.*",
             ));
         }
-        if self.prefetch == 0 {
+        let prefetch = self
+            .prefetch
+            .unwrap_or_else(|| u16::try_from(batch_size * 2).unwrap_or(u16::MAX));
+        if prefetch == 0 {
             return Err(invalid(
                 "inbox.rabbitmq.prefetch",
                 "must be at least 1 (0 would be unlimited)",
@@ -95,7 +104,7 @@ impl InboxRabbitMqConfig {
             url,
             tls,
             queues: self.queues.clone(),
-            prefetch: self.prefetch,
+            prefetch,
         })
     }
 }
