@@ -326,6 +326,7 @@ async fn run_inbox(
             consumer: settings.consumer.clone(),
             rules: settings.rules,
             batch_size: settings.batch_size,
+            max_batch_bytes: settings.max_batch_bytes,
             batch_wait: settings.batch_wait,
         },
         health,

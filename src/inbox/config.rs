@@ -34,6 +34,11 @@ pub struct InboxConfig {
     /// Most messages written in one transaction. Default 1000.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// Most message bytes (body, key and headers) in one batch: it is written once it holds
+    /// this many, so the memory a batch takes is bounded whatever the messages' sizes (a single
+    /// larger message is a batch of its own). Default 8 MiB.
+    #[serde(default = "default_max_batch_bytes")]
+    pub max_batch_bytes: usize,
     /// How long a batch waits for more messages after its first before it is written.
     /// Default 5ms.
     #[cfg_attr(test, schemars(with = "String"))]
@@ -81,6 +86,9 @@ fn default_max_message_bytes() -> usize {
 fn default_batch_size() -> usize {
     1000
 }
+fn default_max_batch_bytes() -> usize {
+    8 * 1024 * 1024
+}
 fn default_batch_wait() -> Duration {
     Duration::from_millis(5)
 }
@@ -103,6 +111,7 @@ pub(crate) struct InboxSettings {
     pub(crate) source: Source,
     pub(crate) rules: Rules,
     pub(crate) batch_size: usize,
+    pub(crate) max_batch_bytes: usize,
     pub(crate) batch_wait: Duration,
     /// `None`: processed rows are kept forever.
     pub(crate) keep_processed: Option<Duration>,
@@ -139,6 +148,12 @@ impl InboxConfig {
         }
         if !(1..=50_000).contains(&self.batch_size) {
             return Err(invalid("inbox.batch_size", "must be between 1 and 50000"));
+        }
+        if !(1024..=1024 * 1024 * 1024).contains(&self.max_batch_bytes) {
+            return Err(invalid(
+                "inbox.max_batch_bytes",
+                "must be between 1024 and 1073741824",
+            ));
         }
         if self.batch_wait > Duration::from_secs(10) {
             return Err(invalid("inbox.batch_wait", "must be at most 10s"));
@@ -191,6 +206,7 @@ impl InboxConfig {
                 missing_event_id: self.missing_event_id,
             },
             batch_size,
+            max_batch_bytes: self.max_batch_bytes,
             batch_wait: self.batch_wait,
             keep_processed,
         })

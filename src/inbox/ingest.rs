@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::store::{InboxStore, Written};
-use super::{Entry, Rules, entry};
+use super::{Entry, Rules, entry, size};
 use crate::broker::consumer::{ConsumeError, Consumer, Receipt};
 use crate::health::Health;
 use crate::runtime::backoff;
@@ -36,6 +36,8 @@ pub(crate) struct IngestSettings {
     pub(crate) consumer: String,
     pub(crate) rules: Rules,
     pub(crate) batch_size: usize,
+    /// `inbox.max_batch_bytes`: the batch is written once its messages hold this many bytes.
+    pub(crate) max_batch_bytes: usize,
     pub(crate) batch_wait: Duration,
 }
 
@@ -44,6 +46,15 @@ pub(crate) struct IngestSettings {
 struct Batch {
     receipts: Vec<Receipt>,
     entries: Vec<Entry>,
+    /// The messages' sizes (body, key and headers), summed.
+    bytes: usize,
+}
+
+impl Batch {
+    /// Whether the batch takes no more messages.
+    fn is_full(&self, settings: &IngestSettings) -> bool {
+        self.receipts.len() >= settings.batch_size || self.bytes >= settings.max_batch_bytes
+    }
 }
 
 /// The inbox loop over a store and a consumer.
@@ -131,7 +142,7 @@ impl<S: InboxStore, C: Consumer> Ingest<S, C> {
         };
         self.push(batch, first);
         let deadline = Instant::now() + self.settings.batch_wait;
-        while batch.receipts.len() < self.settings.batch_size {
+        while !batch.is_full(&self.settings) {
             // With no time left this still takes what the client has buffered.
             let left = deadline.saturating_duration_since(Instant::now());
             match self.consumer.next(left).await? {
@@ -144,6 +155,7 @@ impl<S: InboxStore, C: Consumer> Ingest<S, C> {
 
     fn push(&self, batch: &mut Batch, delivery: crate::broker::consumer::Delivery) {
         batch.receipts.push(delivery.receipt.clone());
+        batch.bytes += size(&delivery);
         batch.entries.push(entry(delivery, &self.settings.rules));
     }
 
@@ -314,5 +326,143 @@ pub(crate) async fn housekeeping<S: InboxStore>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::broker::consumer::{Delivery, HeaderValue};
+    use crate::database::DatabaseError;
+    use crate::inbox::config::MissingEventId;
+    use crate::inbox::store::InboxStatus;
+
+    /// What the loop did, in order: a batch written (its size), receipts acknowledged.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Step {
+        Wrote(usize),
+        Acked(Vec<i64>),
+    }
+
+    #[derive(Clone, Default)]
+    struct MemoryStore(Arc<Mutex<Vec<Step>>>);
+
+    impl InboxStore for MemoryStore {
+        async fn write(&self, _: &str, entries: &[Entry]) -> Result<Written, DatabaseError> {
+            self.0.lock().unwrap().push(Step::Wrote(entries.len()));
+            Ok(Written {
+                inserted: entries.len() as u64,
+                ..Written::default()
+            })
+        }
+        async fn status(&self, _: &str) -> Result<InboxStatus, DatabaseError> {
+            unreachable!("the loop does not ask for status")
+        }
+        async fn delete_processed(
+            &self,
+            _: &str,
+            _: Duration,
+            _: u32,
+        ) -> Result<u64, DatabaseError> {
+            unreachable!("the loop does not delete")
+        }
+    }
+
+    /// Hands out its messages, then cancels `done` (the test's shutdown) and has no more.
+    struct MemoryConsumer {
+        messages: VecDeque<Delivery>,
+        steps: Arc<Mutex<Vec<Step>>>,
+        done: CancellationToken,
+    }
+
+    impl Consumer for MemoryConsumer {
+        async fn next(&mut self, _: Duration) -> Result<Option<Delivery>, ConsumeError> {
+            let next = self.messages.pop_front();
+            if next.is_none() {
+                self.done.cancel();
+            }
+            Ok(next)
+        }
+        async fn acknowledge(&mut self, receipts: &[Receipt]) -> Result<(), ConsumeError> {
+            let offsets = receipts
+                .iter()
+                .map(|r| match r {
+                    Receipt::Kafka { offset, .. } => *offset,
+                    Receipt::Amqp { .. } => unreachable!("kafka receipts only"),
+                })
+                .collect();
+            self.steps.lock().unwrap().push(Step::Acked(offsets));
+            Ok(())
+        }
+        async fn reconnect(&mut self) -> Result<(), ConsumeError> {
+            unreachable!("the consumer never fails")
+        }
+        async fn close(&mut self) {}
+    }
+
+    fn message(offset: i64, body_bytes: usize) -> Delivery {
+        Delivery {
+            source: "orders".into(),
+            position: Some((0, offset)),
+            key: None,
+            headers: vec![(
+                "event_id".into(),
+                HeaderValue::Bytes(format!("e{offset}").into()),
+            )],
+            message_id: None,
+            kind: None,
+            body: Some(vec![b'x'; body_bytes]),
+            receipt: Receipt::Kafka {
+                topic: "orders".into(),
+                partition: 0,
+                offset,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_written_once_it_holds_max_batch_bytes_and_acknowledged_after_its_write() {
+        // GIVEN ten messages of about 400 bytes, batches of at most 100 messages or 1 KiB
+        let steps = Arc::new(Mutex::new(Vec::new()));
+        let shutdown = CancellationToken::new();
+        let consumer = MemoryConsumer {
+            messages: (0..10).map(|offset| message(offset, 400)).collect(),
+            steps: Arc::clone(&steps),
+            done: shutdown.clone(),
+        };
+        let settings = IngestSettings {
+            consumer: "billing".into(),
+            rules: Rules {
+                max_message_bytes: 1 << 20,
+                missing_event_id: MissingEventId::Reject,
+            },
+            batch_size: 100,
+            max_batch_bytes: 1024,
+            batch_wait: Duration::from_millis(5),
+        };
+        let health = Arc::new(Health::new(Duration::from_secs(1), Duration::from_secs(60)));
+        // WHEN the loop runs until the messages are gone
+        Ingest::new(MemoryStore(Arc::clone(&steps)), consumer, settings, health)
+            .run(&shutdown)
+            .await;
+        // THEN each batch closed at the third message (3 × ~410 bytes ≥ 1 KiB), and each was
+        // acknowledged only after its write, with exactly its own receipts
+        let steps = steps.lock().unwrap();
+        assert_eq!(
+            *steps,
+            vec![
+                Step::Wrote(3),
+                Step::Acked(vec![0, 1, 2]),
+                Step::Wrote(3),
+                Step::Acked(vec![3, 4, 5]),
+                Step::Wrote(3),
+                Step::Acked(vec![6, 7, 8]),
+                Step::Wrote(1),
+                Step::Acked(vec![9]),
+            ]
+        );
     }
 }

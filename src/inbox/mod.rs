@@ -194,8 +194,9 @@ fn is_storable_json(body: &[u8]) -> bool {
         && !body.windows(6).any(|w| w == b"\\u0000")
 }
 
-/// The size [`Rules::max_message_bytes`] limits: body, key and headers.
-fn size(delivery: &Delivery) -> usize {
+/// The size [`Rules::max_message_bytes`] limits (and `inbox.max_batch_bytes` sums): body, key
+/// and headers.
+pub(crate) fn size(delivery: &Delivery) -> usize {
     let headers: usize = delivery
         .headers
         .iter()
