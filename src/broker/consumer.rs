@@ -92,12 +92,17 @@ pub(crate) enum ConsumeError {
 ///   broker acknowledges cumulatively (a Kafka offset, an AMQP `multiple` ack), every earlier
 ///   delivery of its partition or channel; the inbox gives every delivery it was handed, in the
 ///   order handed, so no earlier one is still unwritten.
+/// - **Acknowledged while taking.** The inbox takes the next batch while the one before is
+///   written, then acknowledges the earlier batch: later deliveries of the same partition or
+///   channel are then out and unacknowledged, and stay so.
 /// - **Order.** [`Consumer::next`] hands a partition's (queue's) messages in their order.
 /// - **Failure.** An error from either call means the client's state is unknown: the inbox
 ///   drops the unacknowledged deliveries, backs off and reconnects with
 ///   [`Consumer::reconnect`]; the broker redelivers them.
 pub(crate) trait Consumer: Send {
-    /// The next message, waiting at most `wait`; `Ok(None)` when none came.
+    /// The next message, waiting at most `wait`; `Ok(None)` when none came. Cancel-safe: the
+    /// inbox drops a pending call (shutdown, or its write finished first), and a message not
+    /// yet returned is returned by the next call.
     fn next(
         &mut self,
         wait: Duration,

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::store::{InboxStore, Written};
 use super::{Entry, Rules, entry, size};
-use crate::broker::consumer::{ConsumeError, Consumer, Receipt};
+use crate::broker::consumer::{ConsumeError, Consumer, Delivery, Receipt};
 use crate::health::Health;
 use crate::runtime::backoff;
 use crate::runtime::outage::Outage;
@@ -88,26 +88,43 @@ impl<S: InboxStore, C: Consumer> Ingest<S, C> {
         }
     }
 
-    /// Runs until `shutdown`: the batch taken when it fires is still written and acknowledged
-    /// (unless the database is down: then nothing is acknowledged and the broker redelivers
-    /// it), and the consumer leaves cleanly.
+    /// Runs until `shutdown`: the batches taken when it fires are still written and
+    /// acknowledged (unless the database is down: then nothing more is acknowledged and the
+    /// broker redelivers them), and the consumer leaves cleanly.
+    ///
+    /// While a batch is written, the next one is taken (at most two batches in memory): the
+    /// database's commit and the broker's delivery overlap instead of taking turns.
     pub(crate) async fn run(mut self, shutdown: &CancellationToken) {
+        // Messages taken and not yet written: taken while the batch before was written.
+        let mut batch = Batch::default();
+        // The consumer's error, once one came: nothing more is taken, what was taken is
+        // written, then the consumer reconnects.
+        let mut broken: Option<ConsumeError> = None;
         loop {
-            let mut batch = Batch::default();
-            let broken = self.fill(&mut batch, shutdown).await;
-            let mut broken = broken.err();
+            if broken.is_none() {
+                if let Err(err) = self.fill(&mut batch, shutdown).await {
+                    broken = Some(err);
+                }
+            }
+            let mut ahead = Batch::default();
             if !batch.receipts.is_empty() {
-                let written = self.write(&batch, shutdown).await;
+                let written = self
+                    .write_taking_ahead(&batch, &mut ahead, &mut broken, shutdown)
+                    .await;
                 let Some(written) = written else {
                     break;
                 };
                 self.report(&batch, &written);
-                match self.consumer.acknowledge(&batch.receipts).await {
-                    Ok(()) => {}
-                    Err(err) => broken = Some(err),
+                if let Err(err) = self.consumer.acknowledge(&batch.receipts).await {
+                    broken.get_or_insert(err);
                 }
             }
-            if let Some(err) = broken {
+            batch = ahead;
+            if !batch.receipts.is_empty() {
+                // Written (and acknowledged) before reconnecting or stopping.
+                continue;
+            }
+            if let Some(err) = broken.take() {
                 if !self.reconnect(err, shutdown).await {
                     break;
                 }
@@ -120,85 +137,74 @@ impl<S: InboxStore, C: Consumer> Ingest<S, C> {
         tracing::info!(consumer = %self.settings.consumer, "inbox stopped");
     }
 
-    /// Takes the next batch: waits up to [`IDLE_WAIT`] for a first message, then up to
-    /// `batch_wait` for more, and takes what is already buffered up to `batch_size`. An error
-    /// ends the batch (what was taken is still written).
+    /// Completes `batch`: when it is empty, waits up to [`IDLE_WAIT`] for a first message;
+    /// then up to `batch_wait` for more, taking what is already buffered until the batch is
+    /// full. An error ends the batch (what was taken is still written).
     async fn fill(
         &mut self,
         batch: &mut Batch,
         shutdown: &CancellationToken,
     ) -> Result<(), ConsumeError> {
-        let first = tokio::select! {
-            biased;
-            () = shutdown.cancelled() => return Ok(()),
-            next = self.consumer.next(IDLE_WAIT) => next?,
-        };
-        if self.broker.recovered() {
-            self.health.broker(None);
+        if batch.receipts.is_empty() {
+            let first = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return Ok(()),
+                next = self.consumer.next(IDLE_WAIT) => next?,
+            };
+            if self.broker.recovered() {
+                self.health.broker(None);
+            }
+            let Some(first) = first else {
+                self.health.progress();
+                return Ok(());
+            };
+            push(batch, first, &self.settings.rules);
         }
-        let Some(first) = first else {
-            self.health.progress();
-            return Ok(());
-        };
-        self.push(batch, first);
         let deadline = Instant::now() + self.settings.batch_wait;
         while !batch.is_full(&self.settings) {
             // With no time left this still takes what the client has buffered.
             let left = deadline.saturating_duration_since(Instant::now());
             match self.consumer.next(left).await? {
-                Some(delivery) => self.push(batch, delivery),
+                Some(delivery) => push(batch, delivery, &self.settings.rules),
                 None => break,
             }
         }
         Ok(())
     }
 
-    fn push(&self, batch: &mut Batch, delivery: crate::broker::consumer::Delivery) {
-        batch.receipts.push(delivery.receipt.clone());
-        batch.bytes += size(&delivery);
-        batch.entries.push(entry(delivery, &self.settings.rules));
-    }
-
-    /// Writes `batch` until it is durable; `None` when shutdown came while the database was
-    /// down (nothing of the batch is acknowledged then).
-    async fn write(&mut self, batch: &Batch, shutdown: &CancellationToken) -> Option<Written> {
-        let started = Instant::now();
+    /// Writes `batch` until it is durable and, meanwhile, takes messages into `ahead` (until
+    /// it is full, shutdown, or the consumer's error, kept in `broken`). `None` when shutdown
+    /// came while the database was down (nothing of the batch is acknowledged then).
+    async fn write_taking_ahead(
+        &mut self,
+        batch: &Batch,
+        ahead: &mut Batch,
+        broken: &mut Option<ConsumeError>,
+        shutdown: &CancellationToken,
+    ) -> Option<Written> {
+        let Self {
+            store,
+            consumer,
+            settings,
+            health,
+            database,
+            ..
+        } = self;
+        let write = write(store, settings, health, database, batch, shutdown);
+        tokio::pin!(write);
         loop {
-            // Each attempt is bounded; an outage between attempts is not a wedged loop.
-            self.health.oldest_work(Some(Instant::now()));
-            let attempt = self
-                .store
-                .write(&self.settings.consumer, &batch.entries)
-                .await;
-            self.health.oldest_work(None);
-            match attempt {
-                Ok(written) => {
-                    self.health.database(true);
-                    self.database.recovered();
-                    metrics::histogram!(metric::INBOX_WRITE_DURATION, "consumer" => self.settings.consumer.clone())
-                        .record(started.elapsed().as_secs_f64());
-                    return Some(written);
-                }
-                Err(err) => {
-                    self.health.database(false);
-                    let (failures, first) = self.database.failed();
-                    if first {
-                        metrics::counter!(metric::OUTAGES, "dependency" => "database").increment(1);
-                        tracing::error!(
-                            consumer = %self.settings.consumer,
-                            messages = batch.entries.len(),
-                            error = %ErrorChain(&err),
-                            hint = err.hint(),
-                            "inbox: database unavailable; consumption paused, nothing acknowledged"
-                        );
-                    }
-                    let pause = backoff::delay(failures, BACKOFF_INITIAL, BACKOFF_MAX);
-                    tokio::select! {
-                        biased;
-                        () = shutdown.cancelled() => return None,
-                        () = tokio::time::sleep(pause) => {}
-                    }
-                }
+            let taking = broken.is_none() && !shutdown.is_cancelled() && !ahead.is_full(settings);
+            tokio::select! {
+                biased;
+                written = &mut write => return written,
+                // Wakes the loop so that it stops taking.
+                () = shutdown.cancelled(), if taking => {}
+                // Dropped, when the write finishes first: `next` is cancel-safe.
+                next = consumer.next(IDLE_WAIT), if taking => match next {
+                    Ok(Some(delivery)) => push(ahead, delivery, &settings.rules),
+                    Ok(None) => {}
+                    Err(err) => *broken = Some(err),
+                },
             }
         }
     }
@@ -269,6 +275,61 @@ impl<S: InboxStore, C: Consumer> Ingest<S, C> {
     }
 }
 
+/// Adds `delivery` to `batch`, decided into its entry.
+fn push(batch: &mut Batch, delivery: Delivery, rules: &Rules) {
+    batch.receipts.push(delivery.receipt.clone());
+    batch.bytes += size(&delivery);
+    batch.entries.push(entry(delivery, rules));
+}
+
+/// Writes `batch` until it is durable; `None` when shutdown came while the database was down
+/// (nothing of the batch is acknowledged then). `database` logs the outage once.
+async fn write<S: InboxStore>(
+    store: &S,
+    settings: &IngestSettings,
+    health: &Health,
+    database: &mut Outage,
+    batch: &Batch,
+    shutdown: &CancellationToken,
+) -> Option<Written> {
+    let started = Instant::now();
+    loop {
+        // Each attempt is bounded; an outage between attempts is not a wedged loop.
+        health.oldest_work(Some(Instant::now()));
+        let attempt = store.write(&settings.consumer, &batch.entries).await;
+        health.oldest_work(None);
+        match attempt {
+            Ok(written) => {
+                health.database(true);
+                database.recovered();
+                metrics::histogram!(metric::INBOX_WRITE_DURATION, "consumer" => settings.consumer.clone())
+                    .record(started.elapsed().as_secs_f64());
+                return Some(written);
+            }
+            Err(err) => {
+                health.database(false);
+                let (failures, first) = database.failed();
+                if first {
+                    metrics::counter!(metric::OUTAGES, "dependency" => "database").increment(1);
+                    tracing::error!(
+                        consumer = %settings.consumer,
+                        messages = batch.entries.len(),
+                        error = %ErrorChain(&err),
+                        hint = err.hint(),
+                        "inbox: database unavailable; consumption paused, nothing acknowledged"
+                    );
+                }
+                let pause = backoff::delay(failures, BACKOFF_INITIAL, BACKOFF_MAX);
+                tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => return None,
+                    () = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+}
+
 /// Beside the loop until `shutdown`: refreshes the inbox gauges (and the database's readiness
 /// while no messages come) and deletes processed rows older than `keep_processed`.
 pub(crate) async fn housekeeping<S: InboxStore>(
@@ -333,26 +394,54 @@ pub(crate) async fn housekeeping<S: InboxStore>(
 mod tests {
     use std::collections::VecDeque;
     use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     use super::*;
-    use crate::broker::consumer::{Delivery, HeaderValue};
+    use crate::broker::consumer::HeaderValue;
     use crate::database::DatabaseError;
     use crate::inbox::config::MissingEventId;
     use crate::inbox::store::InboxStatus;
 
-    /// What the loop did, in order: a batch written (its size), receipts acknowledged.
+    /// What the loop did, in order.
     #[derive(Debug, PartialEq, Eq)]
     enum Step {
+        /// The consumer handed out the message at this offset.
+        Took(i64),
+        /// A batch of this many messages was durable.
         Wrote(usize),
+        /// These offsets were acknowledged.
         Acked(Vec<i64>),
     }
 
-    #[derive(Clone, Default)]
-    struct MemoryStore(Arc<Mutex<Vec<Step>>>);
+    type Steps = Arc<Mutex<Vec<Step>>>;
+
+    /// Records each write; with `hold_first`, the first write finishes only once the consumer
+    /// has handed out every message (as a slow commit would).
+    #[derive(Clone)]
+    struct MemoryStore {
+        steps: Steps,
+        hold_first: bool,
+        drained: Arc<AtomicBool>,
+    }
 
     impl InboxStore for MemoryStore {
         async fn write(&self, _: &str, entries: &[Entry]) -> Result<Written, DatabaseError> {
-            self.0.lock().unwrap().push(Step::Wrote(entries.len()));
+            let first = !self
+                .steps
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|s| matches!(s, Step::Wrote(_)));
+            if self.hold_first && first {
+                tokio::time::timeout(Duration::from_secs(5), async {
+                    while !self.drained.load(Ordering::SeqCst) {
+                        tokio::task::yield_now().await;
+                    }
+                })
+                .await
+                .expect("the consumer was drained while the first batch was written");
+            }
+            self.steps.lock().unwrap().push(Step::Wrote(entries.len()));
             Ok(Written {
                 inserted: entries.len() as u64,
                 ..Written::default()
@@ -374,16 +463,23 @@ mod tests {
     /// Hands out its messages, then cancels `done` (the test's shutdown) and has no more.
     struct MemoryConsumer {
         messages: VecDeque<Delivery>,
-        steps: Arc<Mutex<Vec<Step>>>,
+        steps: Steps,
+        drained: Arc<AtomicBool>,
         done: CancellationToken,
     }
 
     impl Consumer for MemoryConsumer {
         async fn next(&mut self, _: Duration) -> Result<Option<Delivery>, ConsumeError> {
             let next = self.messages.pop_front();
-            if next.is_none() {
-                self.done.cancel();
+            match &next {
+                Some(delivery) => {
+                    let (_, offset) = delivery.position.expect("kafka messages");
+                    self.steps.lock().unwrap().push(Step::Took(offset));
+                }
+                None => self.done.cancel(),
             }
+            self.drained
+                .store(self.messages.is_empty(), Ordering::SeqCst);
             Ok(next)
         }
         async fn acknowledge(&mut self, receipts: &[Receipt]) -> Result<(), ConsumeError> {
@@ -423,15 +519,22 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_batch_is_written_once_it_holds_max_batch_bytes_and_acknowledged_after_its_write() {
-        // GIVEN ten messages of about 400 bytes, batches of at most 100 messages or 1 KiB
-        let steps = Arc::new(Mutex::new(Vec::new()));
+    /// Runs the loop over `count` messages of about 400 bytes, batches of at most 100
+    /// messages or 1 KiB, until the consumer has no more; what it did, in order.
+    async fn ingest(count: i64, hold_first: bool) -> Vec<Step> {
+        let steps = Steps::default();
+        let drained = Arc::new(AtomicBool::new(false));
         let shutdown = CancellationToken::new();
         let consumer = MemoryConsumer {
-            messages: (0..10).map(|offset| message(offset, 400)).collect(),
+            messages: (0..count).map(|offset| message(offset, 400)).collect(),
             steps: Arc::clone(&steps),
+            drained: Arc::clone(&drained),
             done: shutdown.clone(),
+        };
+        let store = MemoryStore {
+            steps: Arc::clone(&steps),
+            hold_first,
+            drained,
         };
         let settings = IngestSettings {
             consumer: "billing".into(),
@@ -444,24 +547,61 @@ mod tests {
             batch_wait: Duration::from_millis(5),
         };
         let health = Arc::new(Health::new(Duration::from_secs(1), Duration::from_secs(60)));
-        // WHEN the loop runs until the messages are gone
-        Ingest::new(MemoryStore(Arc::clone(&steps)), consumer, settings, health)
+        Ingest::new(store, consumer, settings, health)
             .run(&shutdown)
             .await;
-        // THEN each batch closed at the third message (3 × ~410 bytes ≥ 1 KiB), and each was
+        std::mem::take(&mut *steps.lock().unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_written_once_it_holds_max_batch_bytes_and_acknowledged_after_its_write() {
+        // GIVEN seven messages of about 400 bytes and a database that commits at once
+        // WHEN the loop runs until the messages are gone
+        let steps = ingest(7, false).await;
+        // THEN each batch closed at its third message (3 × ~410 bytes ≥ 1 KiB), and each was
         // acknowledged only after its write, with exactly its own receipts
-        let steps = steps.lock().unwrap();
+        use Step::{Acked, Took, Wrote};
         assert_eq!(
-            *steps,
+            steps,
             vec![
-                Step::Wrote(3),
-                Step::Acked(vec![0, 1, 2]),
-                Step::Wrote(3),
-                Step::Acked(vec![3, 4, 5]),
-                Step::Wrote(3),
-                Step::Acked(vec![6, 7, 8]),
-                Step::Wrote(1),
-                Step::Acked(vec![9]),
+                Took(0),
+                Took(1),
+                Took(2),
+                Wrote(3),
+                Acked(vec![0, 1, 2]),
+                Took(3),
+                Took(4),
+                Took(5),
+                Wrote(3),
+                Acked(vec![3, 4, 5]),
+                Took(6),
+                Wrote(1),
+                Acked(vec![6]),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_next_batch_is_taken_while_one_is_written_and_acknowledged_only_after_its_own_write()
+     {
+        // GIVEN five messages and a first write that lasts until every message was handed out
+        // WHEN the loop runs until the messages are gone
+        let steps = ingest(5, true).await;
+        // THEN the second batch was taken during the first write, the first batch was
+        // acknowledged without the second's receipts, and the second only after its write
+        use Step::{Acked, Took, Wrote};
+        assert_eq!(
+            steps,
+            vec![
+                Took(0),
+                Took(1),
+                Took(2),
+                Took(3),
+                Took(4),
+                Wrote(3),
+                Acked(vec![0, 1, 2]),
+                Wrote(2),
+                Acked(vec![3, 4]),
             ]
         );
     }
