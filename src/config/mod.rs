@@ -316,15 +316,15 @@ mod tests {
                 "[database]\nurl = \"postgres://postgres@127.0.0.1:5432/app\"\n[inbox]\nconsumer = \"billing\"\nfrom = \"rabbitmq\"\n{extra}\n[inbox.rabbitmq]\nurl = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\nqueues = [\"a\", \"b\"]\n"
             )
         };
-        // Default prefetch: twice the batch, so the batch is kept whole.
+        // Default prefetch: eight times the batch, so the batch is kept whole.
         let (_, settings) = parse_with_settings(&rabbit("")).expect("valid");
         assert_eq!(settings.inbox.expect("inbox").batch_size, 1000);
         // A small prefetch cuts the batch to half of all queues' window (2 × 300 / 2).
         let small = rabbit("").replace("queues = [", "prefetch = 300\nqueues = [");
         let (_, settings) = parse_with_settings(&small).expect("valid");
         assert_eq!(settings.inbox.expect("inbox").batch_size, 300);
-        // Twice a large batch is past u16: the largest prefetch the protocol allows (2 × 65535
-        // over the two queues still holds two batches of 40 000).
+        // Eight times a large batch is past u16: the largest prefetch the protocol allows
+        // (2 × 65535 over the two queues still holds two batches of 40 000).
         let (_, settings) = parse_with_settings(&rabbit("batch_size = 40000")).expect("valid");
         assert_eq!(settings.inbox.expect("inbox").batch_size, 40000);
         let one_queue = rabbit("batch_size = 40000").replace("\"a\", \"b\"", "\"a\"");
