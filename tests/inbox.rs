@@ -170,30 +170,50 @@ async fn rabbitmq_messages_land_once_each_in_queue_order_and_are_acknowledged() 
     assert_eq!(verbatim, 1);
 }
 
-/// SIGKILLs the process three times while `expected` keeps arriving, restarting it each
-/// time; returns how long each restart took to write its first new row.
-async fn killed_three_times(inbox: &Inbox, expected: &[Message]) -> Vec<Duration> {
-    let total = expected.len() as i64;
+/// SIGKILLs the process three times while `expected` keeps arriving (sent with `send`, in
+/// chunks of 100, never more than a tenth of the stream ahead of the cut, so that each kill
+/// comes mid-stream however fast the inbox is), restarting it each time; returns how long each
+/// restart took to write its first new row.
+async fn killed_three_times(
+    inbox: &Inbox,
+    expected: &[Message],
+    send: impl AsyncFn(&[Message]),
+) -> Vec<Duration> {
+    let total = expected.len();
+    let ahead = total / 10;
+    let mut sent = 0;
+    let send_up_to = async |sent: &mut usize, up_to: usize| {
+        let up_to = up_to.min(total);
+        for chunk in expected[*sent..up_to].chunks(100) {
+            send(chunk).await;
+        }
+        *sent = (*sent).max(up_to);
+    };
     let mut process = inbox.start();
     let mut resumed = Vec::new();
     for cut in [total / 5, total / 2, total * 4 / 5] {
-        inbox.wait_rows(cut, WAIT).await;
+        send_up_to(&mut sent, cut + ahead).await;
+        inbox.wait_rows(cut as i64, WAIT).await;
         process.signal(Signal::SIGKILL);
         process.kill();
         let before = inbox.rows().await;
         assert!(
-            before < total,
+            before < total as i64,
             "the fault: killed mid-stream ({before} of {total})"
         );
         let restarted = Instant::now();
         process = inbox.start();
+        // More arrives while it restarts.
+        let more = sent + ahead;
+        send_up_to(&mut sent, more).await;
         wait_until(WAIT, "the restarted inbox writing", || async {
             inbox.rows().await > before
         })
         .await;
         resumed.push(restarted.elapsed());
     }
-    inbox.wait_rows(total, WAIT).await;
+    send_up_to(&mut sent, total).await;
+    inbox.wait_rows(total as i64, WAIT).await;
     drop(process);
     resumed
 }
@@ -208,20 +228,10 @@ async fn kafka_inbox_sigkilled_three_times_mid_stream_holds_every_event_once() {
     let mut inbox = Inbox::new(Broker::Kafka, vec![topic.clone()]).await;
     inbox.source_keys.remove("session_timeout");
     inbox.keys.insert("batch_size", "100".to_owned());
-    let producer = {
-        let (topic, events) = (topic.clone(), events.clone());
-        tokio::spawn(async move {
-            for chunk in events.chunks(100) {
-                produce(&topic, chunk).await;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
 
     // WHEN the inbox is SIGKILLed three times mid-stream and restarted each time
-    let resumed = killed_three_times(&inbox, &events).await;
-    producer.await.unwrap();
-    inbox.wait_rows(events.len() as i64, WAIT).await;
+    let resumed =
+        killed_three_times(&inbox, &events, async |chunk| produce(&topic, chunk).await).await;
 
     // THEN every event is there exactly once, in order per aggregate, and each restart
     // resumed within 30 s
@@ -247,20 +257,10 @@ async fn rabbitmq_inbox_sigkilled_three_times_mid_stream_holds_every_event_once(
     let events = Message::stream(10, 0..300);
     let mut inbox = Inbox::new(Broker::RabbitMq, vec![queue.clone()]).await;
     inbox.keys.insert("batch_size", "100".to_owned());
-    let producer = {
-        let (queue, events) = (queue.clone(), events.clone());
-        tokio::spawn(async move {
-            for chunk in events.chunks(100) {
-                publish(&queue, chunk).await;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
 
     // WHEN the inbox is SIGKILLed three times mid-stream and restarted each time
-    let resumed = killed_three_times(&inbox, &events).await;
-    producer.await.unwrap();
-    inbox.wait_rows(events.len() as i64, WAIT).await;
+    let resumed =
+        killed_three_times(&inbox, &events, async |chunk| publish(&queue, chunk).await).await;
 
     // THEN every event is there exactly once, in queue order per aggregate, and nothing is
     // left unacknowledged
