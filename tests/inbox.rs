@@ -171,9 +171,9 @@ async fn rabbitmq_messages_land_once_each_in_queue_order_and_are_acknowledged() 
 }
 
 /// SIGKILLs the process three times while `expected` keeps arriving (sent with `send`, in
-/// chunks of 100, never more than a tenth of the stream ahead of the cut, so that each kill
-/// comes mid-stream however fast the inbox is), restarting it each time; returns how long each
-/// restart took to write its first new row.
+/// chunks of 100, a tenth of the stream at a time), each time while it is writing a batch (its
+/// insert is held by a lock, so the kill comes mid-write however fast the build is), and
+/// restarts it; returns how long each restart took to write its first new row.
 async fn killed_three_times(
     inbox: &Inbox,
     expected: &[Message],
@@ -192,14 +192,22 @@ async fn killed_three_times(
     let mut process = inbox.start();
     let mut resumed = Vec::new();
     for cut in [total / 5, total / 2, total * 4 / 5] {
-        send_up_to(&mut sent, cut + ahead).await;
+        send_up_to(&mut sent, cut).await;
         inbox.wait_rows(cut as i64, WAIT).await;
+        let holder = inbox.block_inserts().await;
+        let more = sent + ahead;
+        send_up_to(&mut sent, more).await;
+        wait_until(WAIT, "the fault: a batch being written", || async {
+            inbox.insert_blocked().await
+        })
+        .await;
         process.signal(Signal::SIGKILL);
         process.kill();
+        drop(holder);
         let before = inbox.rows().await;
         assert!(
-            before < total as i64,
-            "the fault: killed mid-stream ({before} of {total})"
+            before < sent as i64,
+            "the fault: killed mid-stream ({before} of {sent} sent)"
         );
         let restarted = Instant::now();
         process = inbox.start();

@@ -310,14 +310,14 @@ impl Inbox {
     }
 
     /// Blocks the inbox's inserts: a trigger takes an advisory lock the returned connection
-    /// holds, until it is closed (dropped).
+    /// holds, until it is closed (dropped). May be called again once the connection is gone.
     pub async fn block_inserts(&self) -> sqlx::PgConnection {
         use sqlx::Connection;
         let t = &self.table;
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "create function {t}_block() returns trigger language plpgsql as $$
+            "create or replace function {t}_block() returns trigger language plpgsql as $$
              begin perform pg_advisory_xact_lock(hashtext('{t}')); return null; end $$;
-             create trigger {t}_block before insert on {t}
+             create or replace trigger {t}_block before insert on {t}
                  for each statement execute function {t}_block();"
         )))
         .execute(&self.pool)
