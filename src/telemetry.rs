@@ -173,6 +173,9 @@ pub mod metric {
     pub const INBOX_WAITING_ROWS: &str = "outbox_relay_inbox_waiting_rows";
     /// Gauge, label `consumer`: age of the oldest of them.
     pub const INBOX_OLDEST_WAITING_AGE: &str = "outbox_relay_inbox_oldest_waiting_age_seconds";
+    /// Gauge, label `consumer`: 1 while the inbox's part of `/readyz` is ready (its database
+    /// and broker reachable).
+    pub const INBOX_READY: &str = "outbox_relay_inbox_ready";
 }
 
 /// Installs the global Prometheus recorder; metrics macros are no-ops without it.

@@ -543,36 +543,38 @@ async fn a_database_crash_mid_stream_pauses_consumption_and_loses_nothing() {
         .unwrap();
     inbox.keys.insert("batch_size", "100".to_owned());
     inbox.command(&["migrate"]).success();
-    let producer = {
-        let (topic, events) = (topic.clone(), events.clone());
-        tokio::spawn(async move {
-            for chunk in events.chunks(200) {
-                produce(&topic, chunk).await;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
-    let process = inbox.start();
+    let (first_half, second_half) = events.split_at(events.len() / 2);
+    for chunk in first_half.chunks(200) {
+        produce(&topic, chunk).await;
+    }
+    let (process, http) = inbox.start_observed();
     inbox.wait_rows(500, WAIT).await;
 
-    // WHEN PostgreSQL stops immediately (crash recovery at start) and comes back
+    // WHEN PostgreSQL stops immediately (crash recovery at start) while the rest arrives (the
+    // inbox fails to write it and says so, in its log and its readiness), and comes back
     server.stop(Signal::SIGQUIT).await;
+    for chunk in second_half.chunks(200) {
+        produce(&topic, chunk).await;
+    }
     process
         .wait_for_log("inbox: database unavailable", WAIT)
         .await;
+    let ready = async || metric(http, "outbox_relay_inbox_ready", &[]).await;
+    wait_until(WAIT, "the inbox reported not ready", || async {
+        ready().await == Some(0.0)
+    })
+    .await;
     server.start_server().await;
-    let before = inbox.rows().await;
-    assert!(
-        before < events.len() as i64,
-        "the fault: the stream was cut"
-    );
 
     // THEN consumption resumes by itself and every event is there once, in order: nothing
     // acknowledged was lost in the crash
-    producer.await.unwrap();
     inbox.wait_rows(events.len() as i64, WAIT).await;
     process.wait_for_log("database available again", WAIT).await;
     inbox.assert_exactly(&events).await;
+    wait_until(WAIT, "the inbox reported ready again", || async {
+        ready().await == Some(1.0)
+    })
+    .await;
     inbox
         .report(
             "PostgreSQL crash (immediate stop) and restart",

@@ -481,6 +481,50 @@ mod tests {
     }
 
     #[test]
+    fn the_kubernetes_examples_configurations_are_valid() {
+        for (file, yaml) in [
+            (
+                "sidecar.yaml",
+                include_str!("../../deploy/kubernetes/sidecar.yaml"),
+            ),
+            (
+                "inbox-sidecar.yaml",
+                include_str!("../../deploy/kubernetes/inbox-sidecar.yaml"),
+            ),
+        ] {
+            // The ConfigMap's file: the lines under `outbox-relay.toml: |`, indented by four.
+            let toml: String = yaml
+                .lines()
+                .skip_while(|l| !l.trim_start().starts_with("outbox-relay.toml: |"))
+                .skip(1)
+                .take_while(|l| l.is_empty() || l.starts_with("    "))
+                .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+                .collect();
+            // The secrets are files in the pod: their values from the Secret instead.
+            let secret = |key: &str| {
+                yaml.lines()
+                    .find_map(|l| l.trim().strip_prefix(&format!("{key}: ")))
+                    .unwrap_or_else(|| panic!("{file}: secret {key}"))
+                    .to_owned()
+            };
+            let toml = toml
+                .replace(
+                    "url_file = \"/run/secrets/outbox-relay/database-url\"",
+                    &format!("url = {}", secret("database-url")),
+                )
+                .replace(
+                    "\"sasl.password_file\" = \"/run/secrets/outbox-relay/kafka-password\"",
+                    &format!("\"sasl.password\" = {}", secret("kafka-password")),
+                );
+            assert!(
+                toml.contains("[database]"),
+                "{file}: no configuration found"
+            );
+            parse(&toml).unwrap_or_else(|err| panic!("{file}: {}", ErrorChain(&err)));
+        }
+    }
+
+    #[test]
     fn reference_file_is_valid_and_complete() {
         let text = include_str!("../../config/outbox-relay.toml");
         let config = parse(text).expect("the reference config must be valid");

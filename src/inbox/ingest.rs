@@ -153,6 +153,7 @@ impl<S: InboxStore, C: Consumer> Ingest<S, C> {
             };
             if self.broker.recovered() {
                 self.health.broker(None);
+                ready_gauge(&self.settings.consumer, &self.health);
             }
             let Some(first) = first else {
                 self.health.progress();
@@ -258,6 +259,7 @@ impl<S: InboxStore, C: Consumer> Ingest<S, C> {
             let message = ErrorChain(&err).to_string();
             self.health.broker(Some(&message));
             if first {
+                ready_gauge(&self.settings.consumer, &self.health);
                 metrics::counter!(metric::OUTAGES, "dependency" => "broker").increment(1);
                 tracing::error!(consumer = %self.settings.consumer, error = %message, "inbox: broker unavailable; reconnecting");
             }
@@ -273,6 +275,17 @@ impl<S: InboxStore, C: Consumer> Ingest<S, C> {
             }
         }
     }
+}
+
+/// Sets `outbox_relay_inbox_ready` from `health` (after each batch written, when an outage
+/// starts or ends, and every housekeeping interval).
+fn ready_gauge(consumer: &str, health: &Health) {
+    let ready = health.readiness().is_ok();
+    metrics::gauge!(metric::INBOX_READY, "consumer" => consumer.to_owned()).set(if ready {
+        1.0
+    } else {
+        0.0
+    });
 }
 
 /// Adds `delivery` to `batch`, decided into its entry.
@@ -302,6 +315,7 @@ async fn write<S: InboxStore>(
             Ok(written) => {
                 health.database(true);
                 database.recovered();
+                ready_gauge(&settings.consumer, health);
                 metrics::histogram!(metric::INBOX_WRITE_DURATION, "consumer" => settings.consumer.clone())
                     .record(started.elapsed().as_secs_f64());
                 return Some(written);
@@ -310,6 +324,7 @@ async fn write<S: InboxStore>(
                 health.database(false);
                 let (failures, first) = database.failed();
                 if first {
+                    ready_gauge(&settings.consumer, health);
                     metrics::counter!(metric::OUTAGES, "dependency" => "database").increment(1);
                     tracing::error!(
                         consumer = %settings.consumer,
@@ -347,9 +362,11 @@ pub(crate) async fn housekeeping<S: InboxStore>(
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match store.status(&consumer).await {
+        let status = store.status(&consumer).await;
+        health.database(status.is_ok());
+        ready_gauge(&consumer, &health);
+        match status {
             Ok(status) => {
-                health.database(true);
                 let label = || consumer.clone();
                 metrics::gauge!(metric::INBOX_WAITING_ROWS, "consumer" => label())
                     .set(status.waiting as f64);
@@ -357,7 +374,6 @@ pub(crate) async fn housekeeping<S: InboxStore>(
                     .set(status.oldest_waiting_age_s.unwrap_or(0.0));
             }
             Err(err) => {
-                health.database(false);
                 tracing::debug!(error = %ErrorChain(&err), "inbox: gauges not refreshed");
             }
         }
