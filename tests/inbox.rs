@@ -373,13 +373,22 @@ async fn kafka_crash_after_the_commit_before_the_offset_commit_redelivers_and_sk
 
     // THEN a restarted inbox gets those messages again, skips them as duplicates, and the
     // inbox holds every event once, in order
-    let _process = inbox.start();
+    let (_process, http) = inbox.start_observed();
     inbox.wait_rows(events.len() as i64, WAIT).await;
     inbox.assert_exactly(&events).await;
+    let metric_duplicates = async || {
+        metric(
+            http,
+            "outbox_relay_inbox_messages_total",
+            &[("result", "duplicate")],
+        )
+        .await
+        .unwrap_or(0.0) as i64
+    };
     wait_until(
         WAIT,
-        "the redelivered batch counted as duplicates",
-        || async { inbox.duplicates().await >= written },
+        "the redelivered batch counted as duplicates, in the table and the metric",
+        || async { inbox.duplicates().await >= written && metric_duplicates().await >= written },
     )
     .await;
     inbox
@@ -437,7 +446,7 @@ async fn rabbitmq_connection_lost_after_the_commit_before_the_ack_redelivers_and
     let mut inbox = Inbox::new(Broker::RabbitMq, vec![queue.clone()]).await;
     inbox.amqp_url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
     let holder = inbox.block_inserts().await;
-    let _process = inbox.start();
+    let (_process, http) = inbox.start_observed();
 
     // WHEN the connection is reset while a batch waits to be written, and the write then
     // commits (its acknowledgement has no channel left to go on)
@@ -454,8 +463,17 @@ async fn rabbitmq_connection_lost_after_the_commit_before_the_ack_redelivers_and
     inbox.wait_rows(events.len() as i64, WAIT).await;
     wait_until(
         WAIT,
-        "the redelivered batch counted as duplicates",
-        || async { inbox.duplicates().await > 0 },
+        "the redelivered batch counted as duplicates, in the table and the metric",
+        || async {
+            let counted = metric(
+                http,
+                "outbox_relay_inbox_messages_total",
+                &[("result", "duplicate")],
+            )
+            .await;
+            let skipped = inbox.duplicates().await;
+            skipped > 0 && counted == Some(skipped as f64)
+        },
     )
     .await;
     inbox.assert_exactly(&events).await;
