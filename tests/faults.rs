@@ -722,9 +722,10 @@ async fn rabbitmq_nacks_from_a_full_queue_are_retried_until_it_drains() {
     let _relay = outbox.start();
 
     // WHEN the queue is full, the broker nacks the rest (the fault) and the relay keeps them
-    wait_until(WAIT, "a nacked row", || async {
+    // (a batch records its failures before its mark: wait for both)
+    wait_until(WAIT, "a nacked row, and the batch's mark", || async {
         let nacked: i64 = outbox.scalar("select count(*) from {table} where published_at is null and last_error like '%nacked%'").await;
-        nacked > 0
+        nacked > 0 && outbox.counts().await.0 >= 5
     })
     .await;
     assert_eq!(
