@@ -7,7 +7,9 @@ use nix::sys::signal::Signal;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use crate::support::inbox::{Inbox, Message, declare_queue, produce, publish, queue_depth};
+use crate::support::inbox::{
+    Inbox, Message, consumer_prefetch, declare_queue, produce, publish, queue_depth,
+};
 use crate::support::kafka::create_topic;
 use crate::support::{Broker, WAIT, metric, unique, wait_until};
 
@@ -148,6 +150,11 @@ async fn rabbitmq_messages_land_once_each_in_queue_order_and_are_acknowledged() 
     // WHEN the inbox runs
     let _process = inbox.start();
     inbox.wait_rows(201, WAIT).await;
+    assert_eq!(
+        consumer_prefetch(&queue),
+        vec![8 * 1000],
+        "one consumer, with the default prefetch of eight batches"
+    );
     wait_until(
         WAIT,
         "the queue emptied and every delivery acknowledged",
@@ -874,4 +881,51 @@ async fn check_reports_a_missing_rabbitmq_queue_and_passes_once_it_exists() {
             .stdout
             .contains(&format!("inbox table {}: ok", inbox.table))
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_holds_at_most_max_batch_bytes_of_messages() {
+    // GIVEN 300 events waiting in a queue, and an inbox whose batches may hold 1 KiB
+    let _guard = crate::support::rabbit::Guard::shared().await;
+    let queue = declare_queue().await;
+    let events = Message::stream(3, 0..100);
+    publish(&queue, &events).await;
+    let mut inbox = Inbox::new(Broker::RabbitMq, vec![queue.clone()]).await;
+    inbox.keys.insert("max_batch_bytes", "1024".to_owned());
+
+    // WHEN the inbox takes them
+    let (_process, http) = inbox.start_observed();
+    inbox.wait_rows(events.len() as i64, WAIT).await;
+
+    // THEN no batch held more messages than fit in 1 KiB (each message is at least its body
+    // and its headers), and every event is there once, in order
+    let smallest = events
+        .iter()
+        .map(|m| {
+            m.body.len()
+                + m.headers
+                    .iter()
+                    .map(|(n, v)| n.len() + v.len())
+                    .sum::<usize>()
+        })
+        .min()
+        .unwrap();
+    let most_per_batch = 1024_usize.div_ceil(smallest);
+    let batches = async || {
+        metric(http, "outbox_relay_inbox_batch_size_count", &[])
+            .await
+            .unwrap_or(0.0)
+    };
+    let at_least = events.len().div_ceil(most_per_batch) as f64;
+    wait_until(WAIT, "every batch counted", || async {
+        metric(http, "outbox_relay_inbox_batch_size_sum", &[]).await == Some(events.len() as f64)
+    })
+    .await;
+    assert!(
+        batches().await >= at_least,
+        "{} batches for {} messages of at least {smallest} bytes",
+        batches().await,
+        events.len()
+    );
+    inbox.assert_exactly(&events).await;
 }

@@ -290,9 +290,10 @@ fn ready_gauge(consumer: &str, health: &Health) {
 
 /// Adds `delivery` to `batch`, decided into its entry.
 fn push(batch: &mut Batch, delivery: Delivery, rules: &Rules) {
+    let size = size(&delivery);
     batch.receipts.push(delivery.receipt.clone());
-    batch.bytes += size(&delivery);
-    batch.entries.push(entry(delivery, rules));
+    batch.bytes += size;
+    batch.entries.push(entry(delivery, size, rules));
 }
 
 /// Writes `batch` until it is durable; `None` when shutdown came while the database was down

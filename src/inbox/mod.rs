@@ -213,8 +213,7 @@ pub(crate) fn size(delivery: &Delivery) -> usize {
 }
 
 /// Why `delivery` cannot be recorded as an event, or its event id.
-fn event_id(delivery: &Delivery, rules: &Rules) -> Result<String, Reason> {
-    let size = size(delivery);
+fn event_id(delivery: &Delivery, size: usize, rules: &Rules) -> Result<String, Reason> {
     if size > rules.max_message_bytes {
         return Err(Reason::TooLarge {
             size,
@@ -241,9 +240,10 @@ fn event_id(delivery: &Delivery, rules: &Rules) -> Result<String, Reason> {
 }
 
 /// How `delivery` is recorded: a row with its event id, or a rejection with its reason. Pure:
-/// nothing a message holds makes it fail.
-pub(crate) fn entry(delivery: Delivery, rules: &Rules) -> Entry {
-    let event_id = event_id(&delivery, rules);
+/// nothing a message holds makes it fail. `size` is [`size`] of `delivery` (the caller needs it
+/// too, for the batch byte bound, so it is measured once).
+pub(crate) fn entry(delivery: Delivery, size: usize, rules: &Rules) -> Entry {
+    let event_id = event_id(&delivery, size, rules);
     let Delivery {
         source,
         position,
@@ -299,6 +299,12 @@ pub(crate) fn entry(delivery: Delivery, rules: &Rules) -> Entry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`entry`] with the size it is given in the loop.
+    fn decide(delivery: Delivery, rules: &Rules) -> Entry {
+        let size = size(&delivery);
+        entry(delivery, size, rules)
+    }
     use crate::broker::consumer::Receipt;
 
     fn rules() -> Rules {
@@ -348,62 +354,62 @@ mod tests {
             &[("ce_id", "ce"), ("event_id", "relay"), ("id", "dbz")],
             b"{}",
         );
-        assert_eq!(row(entry(both.clone(), &rules())).event_id, "relay");
+        assert_eq!(row(decide(both.clone(), &rules())).event_id, "relay");
         let debezium = kafka(&[("ce_id", "ce"), ("id", "dbz")], b"{}");
-        assert_eq!(row(entry(debezium.clone(), &rules())).event_id, "dbz");
+        assert_eq!(row(decide(debezium.clone(), &rules())).event_id, "dbz");
         let cloudevents = kafka(&[("ce_id", "ce")], b"{}");
-        assert_eq!(row(entry(cloudevents.clone(), &rules())).event_id, "ce");
+        assert_eq!(row(decide(cloudevents.clone(), &rules())).event_id, "ce");
         let mut amqp = kafka(&[], b"{}");
         amqp.message_id = Some("m-1".into());
-        assert_eq!(row(entry(amqp.clone(), &rules())).event_id, "m-1");
+        assert_eq!(row(decide(amqp.clone(), &rules())).event_id, "m-1");
     }
 
     #[test]
     fn a_message_without_an_event_id_is_rejected_unless_one_is_derived_from_its_position() {
         let none = kafka(&[("event_id", "")], b"{}");
-        assert_eq!(reason(entry(none.clone(), &rules())), Reason::NoEventId);
+        assert_eq!(reason(decide(none.clone(), &rules())), Reason::NoEventId);
         let derive = Rules {
             missing_event_id: MissingEventId::Derive,
             ..rules()
         };
-        assert_eq!(row(entry(none.clone(), &derive)).event_id, "orders/2/41");
+        assert_eq!(row(decide(none.clone(), &derive)).event_id, "orders/2/41");
         let mut amqp = none.clone();
         amqp.position = None;
-        assert_eq!(reason(entry(amqp.clone(), &derive)), Reason::NoPosition);
+        assert_eq!(reason(decide(amqp.clone(), &derive)), Reason::NoPosition);
     }
 
     #[test]
     fn oversized_messages_and_unstorable_ids_are_rejected_with_their_reason() {
         let big = kafka(&[("event_id", "e")], &[b'x'; 1100]);
         assert!(matches!(
-            reason(entry(big.clone(), &rules())),
+            reason(decide(big.clone(), &rules())),
             Reason::TooLarge { limit: 1024, .. }
         ));
         let long = "e".repeat(MAX_EVENT_ID + 1);
         let long = kafka(&[("event_id", &long)], b"{}");
         assert!(matches!(
-            reason(entry(long.clone(), &rules())),
+            reason(decide(long.clone(), &rules())),
             Reason::BadEventId { .. }
         ));
         let nul = kafka(&[("event_id", "a\0b")], b"{}");
         assert!(matches!(
-            reason(entry(nul.clone(), &rules())),
+            reason(decide(nul.clone(), &rules())),
             Reason::BadEventId { .. }
         ));
     }
 
     #[test]
     fn a_json_body_is_payload_and_anything_else_is_kept_verbatim() {
-        let json = row(entry(kafka(&[("event_id", "e")], br#"{"a":1}"#), &rules()));
+        let json = row(decide(kafka(&[("event_id", "e")], br#"{"a":1}"#), &rules()));
         assert_eq!(json.content, Content::Json(r#"{"a":1}"#.into()));
         for body in [&b"not json"[..], b"\xff\xfe", br#"{"a":"\u0000"}"#, b""] {
-            let got = row(entry(kafka(&[("event_id", "e")], body), &rules()));
+            let got = row(decide(kafka(&[("event_id", "e")], body), &rules()));
             assert_eq!(got.content, Content::Bytes(body.to_vec()), "{body:?}");
         }
         let mut tombstone = kafka(&[("event_id", "e")], b"");
         tombstone.body = None;
         assert_eq!(
-            row(entry(tombstone.clone(), &rules())).content,
+            row(decide(tombstone.clone(), &rules())).content,
             Content::Bytes(Vec::new())
         );
     }
@@ -419,18 +425,18 @@ mod tests {
             ],
             b"{}",
         );
-        let got = row(entry(relay.clone(), &rules()));
+        let got = row(decide(relay.clone(), &rules()));
         assert_eq!(got.event_type.as_deref(), Some("created"));
         assert_eq!(got.aggregate_type.as_deref(), Some("order"));
         assert_eq!(got.aggregate_id.as_deref(), Some("order-9"));
         assert_eq!(got.origin.partition, Some(2));
         assert_eq!(got.origin.offset, Some(41));
-        let debezium = row(entry(kafka(&[("id", "e")], b"{}"), &rules()));
+        let debezium = row(decide(kafka(&[("id", "e")], b"{}"), &rules()));
         assert_eq!(debezium.aggregate_id.as_deref(), Some("order-7"));
         let mut amqp = kafka(&[("event_id", "e")], b"{}");
         amqp.position = None;
         amqp.kind = Some("shipped".into());
-        let got = row(entry(amqp.clone(), &rules()));
+        let got = row(decide(amqp.clone(), &rules()));
         assert_eq!(
             got.aggregate_id, None,
             "a routing key is not an aggregate id"
@@ -463,7 +469,7 @@ mod tests {
         );
         let mut binary_key = kafka(&[("event_id", "e")], b"{}");
         binary_key.key = Some(vec![0x00, 0x01]);
-        let got = row(entry(binary_key.clone(), &rules()));
+        let got = row(decide(binary_key.clone(), &rules()));
         assert_eq!(got.origin.message_key.as_deref(), Some("\\x0001"));
     }
 }

@@ -181,6 +181,24 @@ pub fn queue_depth(queue: &str) -> (u64, u64) {
     panic!("queue {queue} not listed: {listing}");
 }
 
+/// The prefetch counts of the consumers on `queue`, as the broker lists them.
+pub fn consumer_prefetch(queue: &str) -> Vec<u64> {
+    let listing = super::rabbit::rabbitmqctl(&[
+        "list_consumers",
+        "-q",
+        "--no-table-headers",
+        "queue_name",
+        "prefetch_count",
+    ]);
+    listing
+        .lines()
+        .filter_map(|line| {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            (parts.first() == Some(&queue)).then(|| parts[1].parse().unwrap())
+        })
+        .collect()
+}
+
 /// One test's inbox table and the configuration of the process that fills it.
 pub struct Inbox {
     pub from: Broker,
